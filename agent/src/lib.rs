@@ -1,0 +1,34 @@
+//! edgewise: an event aggregation agent for edge and IoT gateways.
+//!
+//! The crate follows the data path, one module per stage:
+//!
+//! ```text
+//! source::{mqtt, sim} ─▶ journal ─▶ processor (rules, summary) ─▶ outbox ─▶ forward::{http, file}
+//!                        (sled,      (one owner of state,          (sled,     (batches, retries,
+//!                         group       deterministic, snapshots)     lanes,     idempotency keys)
+//!                         commit)                                   byte cap)
+//! ```
+//!
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`event`]: the values passed between stages.
+//! - [`source`]: MQTT and simulated sources turning bytes into [`event::Event`]s.
+//! - [`store`]: the sled database shared by journal, snapshots and outbox.
+//! - [`journal`]: the event log with group commit and a durable watermark.
+//! - [`processor`]: applies journal entries to [`rules`] and [`summary`] windows.
+//! - [`outbox`]: records waiting for upstream, in lanes, with a byte cap.
+//! - [`forward`]: sends outbox batches upstream.
+//! - [`topology`]: spawns the tasks and runs the one shutdown path.
+//! - [`metrics`]: counters shared by all stages.
+
+pub mod config;
+pub mod event;
+pub mod forward;
+pub mod journal;
+pub mod metrics;
+pub mod outbox;
+pub mod processor;
+pub mod rules;
+pub mod source;
+pub mod store;
+pub mod summary;
+pub mod topology;
