@@ -667,21 +667,321 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 }
 
 /// Parses and validates configuration text; `file` names it in error messages.
+///
+/// Every section (and every `[[sources]]` / `[[rules]]` element) is deserialized on its own so
+/// that one typo does not hide the next; then the whole file is checked for meaning (names,
+/// ranges, patterns, URLs). All problems come back at once, in file order.
 pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
-    match Config::from_toml(text) {
-        Ok(config) => Ok(config),
-        Err(e) => {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-            Err(ConfigErrors {
-                problems: vec![Problem {
+    let mut problems = Vec::new();
+    let (root, syntax) = toml::de::DeTable::parse_recoverable(text);
+    for e in syntax {
+        problems.push(Problem::from_toml(file, text, &e, None));
+    }
+    if problems.is_empty() {
+        check_sections(file, text, &root, &mut problems);
+    }
+    if problems.is_empty() {
+        match toml::from_str::<Config>(text) {
+            Ok(config) => {
+                for issue in config.validate() {
+                    let span = issue.path.locate(&root);
+                    let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+                    problems.push(Problem {
+                        file: file.to_string(),
+                        line,
+                        column,
+                        message: format!("{}: {}", issue.path, issue.message),
+                        hint: issue.hint,
+                    });
+                }
+                if problems.is_empty() {
+                    return Ok(config);
+                }
+            }
+            Err(e) => problems.push(Problem::from_toml(file, text, &e, None)),
+        }
+    }
+    problems.sort_by_key(|p| (p.line, p.column));
+    Err(ConfigErrors { problems })
+}
+
+/// Deserializes each section separately, collecting every serde error with its position.
+fn check_sections(
+    file: &str,
+    text: &str,
+    root: &toml::Spanned<toml::de::DeTable<'_>>,
+    problems: &mut Vec<Problem>,
+) {
+    use serde::de::IntoDeserializer;
+
+    fn one<'de, T: Deserialize<'de>>(
+        value: &toml::Spanned<toml::de::DeValue<'de>>,
+        file: &str,
+        text: &str,
+        section: &str,
+        problems: &mut Vec<Problem>,
+    ) {
+        if let Err(e) = T::deserialize(value.clone().into_deserializer()) {
+            problems.push(Problem::from_toml(file, text, &e, Some(section)));
+        }
+    }
+    /// A `kind`-tagged table: serde buffers internally tagged enums and loses positions, so
+    /// the variant's struct is deserialized directly from the table without its `kind`.
+    fn tagged(
+        value: &toml::Spanned<toml::de::DeValue<'_>>,
+        file: &str,
+        text: &str,
+        section: &str,
+        problems: &mut Vec<Problem>,
+        variant: &dyn Fn(
+            &str,
+            toml::Spanned<toml::de::DeValue<'_>>,
+        ) -> Option<Result<(), toml::de::Error>>,
+        kinds: &str,
+    ) {
+        let mut value = value.clone();
+        let span = value.span();
+        let kind = match value.get_mut() {
+            toml::de::DeValue::Table(table) => table.remove("kind"),
+            _ => None,
+        };
+        let Some(kind) = kind else {
+            let (line, column) = line_col(text, span.start);
+            problems.push(Problem {
+                file: file.to_string(),
+                line,
+                column,
+                message: format!("{section}: missing `kind`"),
+                hint: Some(format!("set kind to one of {kinds}")),
+            });
+            return;
+        };
+        let kind_name = kind.get_ref().as_str().unwrap_or("").to_string();
+        match variant(&kind_name, value) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => problems.push(Problem::from_toml(file, text, &e, Some(section))),
+            None => {
+                let (line, column) = line_col(text, kind.span().start);
+                problems.push(Problem {
                     file: file.to_string(),
                     line,
                     column,
-                    message: e.message().to_string(),
-                    hint: None,
-                }],
-            })
+                    message: format!("{section}: unknown kind `{kind_name}`"),
+                    hint: Some(format!("use one of {kinds}")),
+                });
+            }
         }
+    }
+    fn check<'de, T: Deserialize<'de>>(
+        v: toml::Spanned<toml::de::DeValue<'de>>,
+    ) -> Option<Result<(), toml::de::Error>> {
+        Some(T::deserialize(v.into_deserializer()).map(|_| ()))
+    }
+    let source = |kind: &str, v: toml::Spanned<toml::de::DeValue<'_>>| match kind {
+        "mqtt" => check::<MqttSourceConfig>(v),
+        "simulated" => check::<SimulatedSourceConfig>(v),
+        _ => None,
+    };
+    let rule = |kind: &str, v: toml::Spanned<toml::de::DeValue<'_>>| match kind {
+        "threshold" => check::<ThresholdRuleConfig>(v),
+        _ => None,
+    };
+    let upstream = |kind: &str, v: toml::Spanned<toml::de::DeValue<'_>>| match kind {
+        "http" => check::<HttpUpstreamConfig>(v),
+        "file" => check::<FileUpstreamConfig>(v),
+        _ => None,
+    };
+    let tagged_list = |value: &toml::Spanned<toml::de::DeValue<'_>>,
+                       section: &str,
+                       problems: &mut Vec<Problem>,
+                       variant: &dyn Fn(
+        &str,
+        toml::Spanned<toml::de::DeValue<'_>>,
+    ) -> Option<Result<(), toml::de::Error>>,
+                       kinds: &str| {
+        match value.get_ref().as_array() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    tagged(item, file, text, &format!("{section}[{i}]"), problems, variant, kinds);
+                }
+            }
+            None => {
+                let (line, column) = line_col(text, value.span().start);
+                problems.push(Problem {
+                    file: file.to_string(),
+                    line,
+                    column,
+                    message: format!("{section}: expected a list of tables"),
+                    hint: Some(format!("write each entry as a [[{section}]] table")),
+                });
+            }
+        }
+    };
+
+    let mut seen = Vec::new();
+    for (key, value) in root.get_ref().iter() {
+        let name: &str = key.get_ref();
+        seen.push(name.to_string());
+        match name {
+            "agent" => one::<AgentConfig>(value, file, text, name, problems),
+            "storage" => one::<StorageConfig>(value, file, text, name, problems),
+            "journal" => one::<JournalConfig>(value, file, text, name, problems),
+            "sources" => tagged_list(value, name, problems, &source, "\"mqtt\", \"simulated\""),
+            "rules" => tagged_list(value, name, problems, &rule, "\"threshold\""),
+            "summary" => one::<SummaryConfig>(value, file, text, name, problems),
+            "buffer" => one::<BufferConfig>(value, file, text, name, problems),
+            "upstream" => {
+                tagged(value, file, text, name, problems, &upstream, "\"http\", \"file\"")
+            }
+            other => {
+                let (line, column) = line_col(text, key.span().start);
+                problems.push(Problem {
+                    file: file.to_string(),
+                    line,
+                    column,
+                    message: format!("unknown section `{other}`"),
+                    hint: Some(
+                        "sections are agent, storage, journal, sources, rules, summary, \
+                         buffer, upstream"
+                            .into(),
+                    ),
+                });
+            }
+        }
+    }
+    for required in ["agent", "upstream"] {
+        if !seen.iter().any(|s| s == required) {
+            problems.push(Problem {
+                file: file.to_string(),
+                line: 1,
+                column: 1,
+                message: format!("missing section `[{required}]`"),
+                hint: Some(match required {
+                    "agent" => "add `[agent]` with at least `id = \"my-gateway\"`".into(),
+                    _ => "add `[upstream]` with `kind = \"http\"` and `url = ...`, or \
+                          `kind = \"file\"` and `path = ...`"
+                        .into(),
+                }),
+            });
+        }
+    }
+}
+
+impl Problem {
+    fn from_toml(file: &str, text: &str, e: &toml::de::Error, section: Option<&str>) -> Problem {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        let message = e.message().trim().to_string();
+        let hint = hint_for(&message);
+        Problem {
+            file: file.to_string(),
+            line,
+            column,
+            message: match section {
+                Some(section) => format!("{section}: {message}"),
+                None => message,
+            },
+            hint,
+        }
+    }
+}
+
+/// A hint for the common serde messages a technician meets.
+fn hint_for(message: &str) -> Option<String> {
+    if message.contains("unknown field") {
+        Some("check the spelling; every key is listed in config/reference.toml".into())
+    } else if message.contains("missing field") {
+        Some("this key has no default and must be set".into())
+    } else if message.contains("unknown variant") {
+        Some("use one of the values listed in the message".into())
+    } else if message.contains("duration") || message.contains("time unit") {
+        Some("durations look like \"500ms\", \"10s\", \"5m\", \"1h 30m\"".into())
+    } else {
+        None
+    }
+}
+
+/// A semantic problem found by [`Config::validate`], located by its key path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issue {
+    /// Where: e.g. `rules[2].clear`.
+    pub path: KeyPath,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it.
+    pub hint: Option<String>,
+}
+
+/// A path of keys and array indices into the document, e.g. `sources[0].topics[1]`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KeyPath(pub Vec<Seg>);
+
+/// One step of a [`KeyPath`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seg {
+    /// A table key.
+    Key(String),
+    /// An array index.
+    Index(usize),
+}
+
+impl KeyPath {
+    /// Parses `a.b[2].c`.
+    pub fn parse(path: &str) -> KeyPath {
+        let mut segs = Vec::new();
+        for part in path.split('.') {
+            let mut rest = part;
+            if let Some(open) = rest.find('[') {
+                segs.push(Seg::Key(rest[..open].to_string()));
+                rest = &rest[open..];
+                while let Some(close) = rest.find(']') {
+                    if let Ok(i) = rest[1..close].parse() {
+                        segs.push(Seg::Index(i));
+                    }
+                    rest = &rest[close + 1..];
+                }
+            } else {
+                segs.push(Seg::Key(rest.to_string()));
+            }
+        }
+        KeyPath(segs)
+    }
+
+    /// The span of the deepest part of the path present in the document.
+    pub fn locate(
+        &self,
+        root: &toml::Spanned<toml::de::DeTable<'_>>,
+    ) -> Option<std::ops::Range<usize>> {
+        let mut span = None;
+        let mut current: Option<&toml::Spanned<toml::de::DeValue<'_>>> = None;
+        for (i, seg) in self.0.iter().enumerate() {
+            let next = match (seg, i, current) {
+                (Seg::Key(k), 0, _) => root.get_ref().get(k.as_str()),
+                (Seg::Key(k), _, Some(v)) => v.get_ref().get(k.as_str()),
+                (Seg::Index(n), _, Some(v)) => v.get_ref().get(*n),
+                _ => None,
+            };
+            match next {
+                Some(v) => {
+                    span = Some(v.span());
+                    current = Some(v);
+                }
+                None => break,
+            }
+        }
+        span
+    }
+}
+
+impl std::fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Seg::Key(k) if i == 0 => write!(f, "{k}")?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -735,3 +1035,325 @@ impl std::fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+/// Smallest outbox that can hold a useful backlog; below it every batch would evict.
+const MIN_BUFFER_BYTES: u64 = 16 * 1024;
+/// Largest number of simulated series: the simulator is for demos and load tests.
+const MAX_SIM_SERIES: u64 = 100_000;
+
+impl Config {
+    /// Checks what serde cannot: names, ranges, patterns, URLs. Returns every issue.
+    pub fn validate(&self) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        let mut issue = |path: String, message: String, hint: Option<&str>| {
+            issues.push(Issue {
+                path: KeyPath::parse(&path),
+                message,
+                hint: hint.map(str::to_string),
+            })
+        };
+
+        let id = &self.agent.id;
+        if id.is_empty()
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            issue(
+                "agent.id".into(),
+                format!("`{id}` is not a valid agent id"),
+                Some("use letters, digits, `-`, `_` and `.` (it is part of record ids and topics)"),
+            );
+        }
+
+        let j = &self.journal;
+        if j.commit_interval > Duration::from_secs(1) {
+            issue(
+                "journal.commit_interval".into(),
+                "must be at most 1s: QoS 1 messages wait this long for their acknowledgement"
+                    .into(),
+                Some("10ms is a good value on an SD card"),
+            );
+        }
+        if j.commit_max_entries == 0 {
+            issue("journal.commit_max_entries".into(), "must be at least 1".into(), None);
+        }
+        if j.tick_interval < Duration::from_millis(10) {
+            issue("journal.tick_interval".into(), "must be at least 10ms".into(), None);
+        }
+        if j.snapshot_interval < Duration::from_millis(100) {
+            issue("journal.snapshot_interval".into(), "must be at least 100ms".into(), None);
+        }
+
+        if self.sources.is_empty() {
+            issue(
+                "sources".into(),
+                "no source is configured: the agent would have nothing to do".into(),
+                Some("add a [[sources]] table with kind = \"mqtt\" or kind = \"simulated\""),
+            );
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            let at = |key: &str| format!("sources[{i}].{key}");
+            if names.contains(&source.name()) {
+                issue(
+                    at("name"),
+                    format!("duplicate source name `{}`", source.name()),
+                    Some("give every source its own name (metrics and client ids use it)"),
+                );
+            }
+            names.push(source.name());
+            match source {
+                SourceConfig::Mqtt(m) => {
+                    if m.topics.is_empty() {
+                        issue(at("topics"), "at least one topic filter is needed".into(), None);
+                    }
+                    for (t, topic) in m.topics.iter().enumerate() {
+                        if let Err(reason) = check_topic_filter(topic) {
+                            issue(
+                                format!("sources[{i}].topics[{t}]"),
+                                format!("`{topic}` is not a valid topic filter: {reason}"),
+                                Some("`+` matches one level, `#` the rest (last level only)"),
+                            );
+                        }
+                    }
+                    if m.qos > 1 {
+                        issue(
+                            at("qos"),
+                            format!("QoS {} is not supported", m.qos),
+                            Some("use 1 (acknowledged after the journal commit) or 0"),
+                        );
+                    }
+                    if let Err(reason) = LINKME_template(&m.series) {
+                        issue(
+                            at("series"),
+                            format!("bad series template: {reason}"),
+                            Some("e.g. \"{topic}\" or \"{1}/{2}\" (topic segments from 0)"),
+                        );
+                    }
+                    if m.payload.value.is_empty() {
+                        issue(at("payload.value"), "the value path is empty".into(), None);
+                    }
+                    if m.reconnect_min > m.reconnect_max {
+                        issue(at("reconnect_min"), "must not exceed reconnect_max".into(), None);
+                    }
+                    if m.keep_alive < Duration::from_secs(5) {
+                        issue(at("keep_alive"), "must be at least 5s".into(), None);
+                    }
+                }
+                SourceConfig::Simulated(s) => {
+                    if s.devices == 0 || s.metrics.is_empty() {
+                        issue(
+                            at("devices"),
+                            "needs at least one device and one metric".into(),
+                            None,
+                        );
+                    } else if u64::from(s.devices) * s.metrics.len() as u64 > MAX_SIM_SERIES {
+                        issue(
+                            at("devices"),
+                            format!("at most {MAX_SIM_SERIES} simulated series"),
+                            None,
+                        );
+                    }
+                    if s.interval < Duration::from_millis(1) {
+                        issue(at("interval"), "must be at least 1ms".into(), None);
+                    }
+                }
+            }
+        }
+
+        let mut rule_names: Vec<&str> = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule_names.contains(&rule.name()) {
+                issue(
+                    format!("rules[{i}].name"),
+                    format!("duplicate rule name `{}`", rule.name()),
+                    Some("rule names identify alerts upstream: make them unique"),
+                );
+            }
+            rule_names.push(rule.name());
+            for (key, message) in LINKME_rules(rule) {
+                issue(format!("rules[{i}].{key}"), message, None);
+            }
+        }
+
+        if self.summary.window < Duration::from_millis(100) {
+            issue("summary.window".into(), "must be at least 100ms".into(), None);
+        }
+        if self.summary.window > Duration::from_secs(86_400) {
+            issue("summary.window".into(), "must be at most 24h".into(), None);
+        }
+
+        if self.buffer.max_bytes.bytes() < MIN_BUFFER_BYTES {
+            issue(
+                "buffer.max_bytes".into(),
+                format!("{} is too small", self.buffer.max_bytes),
+                Some("at least 16 KiB; 64 MiB holds days of summaries for hundreds of series"),
+            );
+        }
+
+        match &self.upstream {
+            UpstreamConfig::Http(h) => {
+                match reqwest::Url::parse(&h.url) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                    Ok(url) => issue(
+                        "upstream.url".into(),
+                        format!("scheme `{}` is not supported", url.scheme()),
+                        Some("use http:// or https://"),
+                    ),
+                    Err(e) => issue(
+                        "upstream.url".into(),
+                        format!("`{}` is not a URL: {e}", h.url),
+                        Some("e.g. \"https://ingest.example.com/v1/batches\""),
+                    ),
+                }
+                if h.retry_initial > h.retry_max {
+                    issue(
+                        "upstream.retry_initial".into(),
+                        "must not exceed retry_max".into(),
+                        None,
+                    );
+                }
+                if h.timeout.is_zero() {
+                    issue("upstream.timeout".into(), "must be more than 0s".into(), None);
+                }
+            }
+            UpstreamConfig::File(f) => {
+                if f.path.as_os_str().is_empty() {
+                    issue("upstream.path".into(), "the path is empty".into(), None);
+                }
+            }
+        }
+        let batch = self.upstream.batch();
+        if batch.max_records == 0 {
+            issue("upstream.batch.max_records".into(), "must be at least 1".into(), None);
+        }
+        if batch.max_bytes.bytes() < 1024 {
+            issue("upstream.batch.max_bytes".into(), "must be at least 1 KiB".into(), None);
+        }
+        issues
+    }
+}
+
+/// Checks an MQTT topic filter: `#` only as the last level, wildcards fill a whole level.
+fn check_topic_filter(filter: &str) -> Result<(), &'static str> {
+    if filter.is_empty() {
+        return Err("it is empty");
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err("`#` must be a whole level and the last one");
+        }
+        if level.contains('+') && *level != "+" {
+            return Err("`+` must be a whole level");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[agent]
+id = "gw-1"
+
+[[sources]]
+kind = "simulated"
+
+[upstream]
+kind = "file"
+path = "out.jsonl"
+"#;
+
+    #[test]
+    fn a_minimal_file_gets_pi_sized_defaults() {
+        let c = load_str("t.toml", MINIMAL).unwrap();
+        assert_eq!(c.storage.cache_capacity, ByteSize(16 << 20));
+        assert_eq!(c.buffer.max_bytes, ByteSize(64 << 20));
+        assert_eq!(c.summary.window, Duration::from_secs(60));
+        assert_eq!(c.journal.commit_interval, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn byte_sizes_accept_units() {
+        assert_eq!(ByteSize::parse("16 MiB"), Ok(ByteSize(16 << 20)));
+        assert_eq!(ByteSize::parse("512KiB"), Ok(ByteSize(512 << 10)));
+        assert_eq!(ByteSize::parse("1 GB"), Ok(ByteSize(1_000_000_000)));
+        assert_eq!(ByteSize::parse("4096"), Ok(ByteSize(4096)));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_line_and_column() {
+        let text = r#"[agent]
+id = "gw 1"
+colour = "blue"
+
+[[sources]]
+kind = "mqtt"
+topics = ["a/#/b"]
+qos = 2
+
+[[rules]]
+kind = "threshold"
+name = "hot"
+series = "+/temp"
+above = "eighty"
+
+[upstream]
+kind = "http"
+url = "ftp://x"
+"#;
+        let errors = load_str("gw.toml", text).unwrap_err();
+        let shown = errors.to_string();
+        // serde-level problems in two sections are both reported in one pass
+        assert!(shown.contains("gw.toml:3:1: error: agent: unknown field `colour`"), "{shown}");
+        assert!(shown.contains("gw.toml:14:"), "{shown}");
+        assert_eq!(errors.problems.len(), 2, "{shown}");
+    }
+
+    #[test]
+    fn semantic_problems_point_at_their_key() {
+        let text = r#"[agent]
+id = "gw 1"
+
+[[sources]]
+kind = "mqtt"
+topics = ["a/#/b"]
+qos = 2
+
+[upstream]
+kind = "http"
+url = "ftp://x"
+"#;
+        let errors = load_str("gw.toml", text).unwrap_err();
+        let shown = errors.to_string();
+        assert!(shown.contains("gw.toml:2:6: error: agent.id"), "{shown}");
+        assert!(shown.contains("gw.toml:6:11: error: sources[0].topics[0]"), "{shown}");
+        assert!(shown.contains("gw.toml:7:7: error: sources[0].qos"), "{shown}");
+        assert!(shown.contains("gw.toml:11:7: error: upstream.url"), "{shown}");
+        assert_eq!(errors.problems.len(), 4, "{shown}");
+    }
+
+    #[test]
+    fn a_syntax_error_is_located() {
+        let errors = load_str("x.toml", "[agent\nid = 1\n").unwrap_err();
+        assert_eq!(errors.problems[0].line, 1, "{errors}");
+    }
+
+    #[test]
+    fn missing_sections_are_named() {
+        let errors = load_str("x.toml", "[agent]\nid = \"a\"\n").unwrap_err();
+        assert!(errors.to_string().contains("missing section `[upstream]`"), "{errors}");
+    }
+}
+
+#[allow(non_snake_case)]
+fn LINKME_template(_: &str) -> Result<(), String> {
+    Ok(())
+}
+#[allow(non_snake_case)]
+fn LINKME_rules(_: &RuleConfig) -> Vec<(String, String)> {
+    Vec::new()
+}

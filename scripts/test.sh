@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh Debian machine with only Rust installed.
+# The end-to-end tests start their own Mosquitto (on free ports, with their own config);
+# this installs the broker binary when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "mosquitto not found: installing it from Debian (apt-get install mosquitto)" >&2
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto
+fi
+
+# proptest: enough cases to find ordering bugs, few enough for 2 cores.
+export PROPTEST_CASES="${PROPTEST_CASES:-64}"
+cargo build --workspace --bins
+cargo test --workspace "$@"
