@@ -725,6 +725,9 @@ fn check_sections(
             problems.push(Problem::from_toml(file, text, &e, Some(section)));
         }
     }
+    type Variant<'a> = dyn Fn(&str, toml::Spanned<toml::de::DeValue<'_>>) -> Option<Result<(), toml::de::Error>>
+        + 'a;
+
     /// A `kind`-tagged table: serde buffers internally tagged enums and loses positions, so
     /// the variant's struct is deserialized directly from the table without its `kind`.
     fn tagged(
@@ -733,10 +736,7 @@ fn check_sections(
         text: &str,
         section: &str,
         problems: &mut Vec<Problem>,
-        variant: &dyn Fn(
-            &str,
-            toml::Spanned<toml::de::DeValue<'_>>,
-        ) -> Option<Result<(), toml::de::Error>>,
+        variant: &Variant<'_>,
         kinds: &str,
     ) {
         let mut value = value.clone();
@@ -794,10 +794,7 @@ fn check_sections(
     let tagged_list = |value: &toml::Spanned<toml::de::DeValue<'_>>,
                        section: &str,
                        problems: &mut Vec<Problem>,
-                       variant: &dyn Fn(
-        &str,
-        toml::Spanned<toml::de::DeValue<'_>>,
-    ) -> Option<Result<(), toml::de::Error>>,
+                       variant: &Variant<'_>,
                        kinds: &str| {
         match value.get_ref().as_array() {
             Some(items) => {
@@ -1122,7 +1119,7 @@ impl Config {
                             Some("use 1 (acknowledged after the journal commit) or 0"),
                         );
                     }
-                    if let Err(reason) = LINKME_template(&m.series) {
+                    if let Err(reason) = crate::source::payload::SeriesTemplate::parse(&m.series) {
                         issue(
                             at("series"),
                             format!("bad series template: {reason}"),
@@ -1170,7 +1167,7 @@ impl Config {
                 );
             }
             rule_names.push(rule.name());
-            for (key, message) in LINKME_rules(rule) {
+            for (key, message) in crate::rules::validate(rule) {
                 issue(format!("rules[{i}].{key}"), message, None);
             }
         }
@@ -1347,13 +1344,4 @@ url = "ftp://x"
         let errors = load_str("x.toml", "[agent]\nid = \"a\"\n").unwrap_err();
         assert!(errors.to_string().contains("missing section `[upstream]`"), "{errors}");
     }
-}
-
-#[allow(non_snake_case)]
-fn LINKME_template(_: &str) -> Result<(), String> {
-    Ok(())
-}
-#[allow(non_snake_case)]
-fn LINKME_rules(_: &RuleConfig) -> Vec<(String, String)> {
-    Vec::new()
 }

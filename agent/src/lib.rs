@@ -32,3 +32,5 @@ pub mod source;
 pub mod store;
 pub mod summary;
 pub mod topology;
+
+pub use topology::run;

@@ -1,13 +1,419 @@
 //! The sled database shared by the journal, the processor snapshots and the outbox.
-//! (Owned by the storage work: see the module contract below.)
 //!
-//! Contract used by other modules:
-//! - `Store::open(&Config) -> Result<Store, StoreError>`: opens `agent.data_dir` with the
-//!   configured cache, a `meta` tree holding the store epoch (random, created with the store);
-//!   quarantines a corrupted store (rename to `<dir>.corrupt-<ts>`) and starts fresh.
-//! - `Store` is `Clone` (sled handles are reference counted).
-//! - `store.epoch() -> u64`, `store.db() -> &sled::Db`.
-//! - `store.flush() -> Result<(), StoreError>`: blocking fsync of the whole database; call it
-//!   from `spawn_blocking`, never `flush_async` (deadlocks in sled 0.34).
-//! - `store.save_snapshot(position: u64, state: &[u8])`, `store.load_snapshot() ->
-//!   Result<Option<(u64, Vec<u8>)>, StoreError>`.
+//! One [`sled::Db`] holds every durable byte of the agent, split into trees by owner:
+//!
+//! ```text
+//! tree         key                          value
+//! ----------   --------------------------   ------------------------------------------------
+//! meta         b"epoch"                     u64 BE: random store epoch, written + flushed at creation
+//! journal      u64 BE seq (1, 2, ...)       version u8 (1) + postcard(event::Entry)   [journal]
+//! snapshot     b"state"                     version u8 (1) + u64 BE journal position + state bytes
+//! outbox       [lane u8][u64 BE seq]        version u8 (1) + postcard(record::Record) [outbox]
+//!              [0xFF][b'n'][lane u8]        u64 BE next_seq of the lane
+//! dead_letter  [lane u8][u64 BE seq]        version u8 (1) + postcard(dead letter)    [outbox]
+//! dedup        [source u16 BE][pkid u16 BE] u64 BE hash of the last journaled QoS 1 message
+//! ```
+//!
+//! Integers in keys are big-endian so that sled's byte order is numeric order.
+//!
+//! # Invariants
+//!
+//! - **Nothing is durable until [`Store::flush`] returns `Ok`.** sled's background flusher is
+//!   turned off (`flush_every_ms = None`): every fsync is an explicit, counted decision of the
+//!   journal writer (group commit) or of shutdown, which keeps SD-card wear proportional to
+//!   commits, not to wall time. A flush is database-wide, so one flush makes the journal,
+//!   the outbox and the snapshot durable together.
+//! - **The epoch never changes for the life of a store.** It is random and flushed before
+//!   `open` returns, so record ids (`<agent>:<epoch>:<lane>:<seq>`) stay unique even when a
+//!   store is quarantined and re-created and sequence numbers start again at 0.
+//! - **A store that cannot be opened is set aside, not retried.** Corruption (or any open
+//!   failure other than a lock held by a live process) renames the directory to
+//!   `<dir>.corrupt-<unix secs>` and starts fresh: an agent under systemd must not
+//!   crash-loop on a bad SD-card sector, and the old bytes stay on disk for a post-mortem.
+//!   A lock held by another process is [`StoreError::Locked`]: that store is healthy and in
+//!   use, so moving it away would split the data between two agents.
+//!
+//! # Lifecycle
+//!
+//! `open` (creates the trees and the epoch) → the journal, the processor and the outbox
+//! write through their own trees → the journal writer calls [`Store::flush`] once per group
+//! commit (from `spawn_blocking`; never `flush_async`, which deadlocks in sled 0.34) → on
+//! drop of the last handle sled flushes once more.
+
+use std::path::{Path, PathBuf};
+
+/// Names of the trees, so that every module opens the same ones.
+pub const TREE_META: &str = "meta";
+/// The event journal (see [`crate::journal`]).
+pub const TREE_JOURNAL: &str = "journal";
+/// Processor snapshots.
+pub const TREE_SNAPSHOT: &str = "snapshot";
+/// Records waiting for upstream (see [`crate::outbox`]).
+pub const TREE_OUTBOX: &str = "outbox";
+/// Records the upstream rejected as malformed.
+pub const TREE_DEAD_LETTER: &str = "dead_letter";
+/// Last journaled hash per MQTT `(source, pkid)`, to drop broker redeliveries.
+pub const TREE_DEDUP: &str = "dedup";
+
+const ALL_TREES: [&str; 6] =
+    [TREE_META, TREE_JOURNAL, TREE_SNAPSHOT, TREE_OUTBOX, TREE_DEAD_LETTER, TREE_DEDUP];
+
+const EPOCH_KEY: &[u8] = b"epoch";
+const SNAPSHOT_KEY: &[u8] = b"state";
+/// Version byte that leads a snapshot value; bump it when the envelope changes.
+const SNAPSHOT_VERSION: u8 = 1;
+/// Version byte + position.
+const SNAPSHOT_HEADER_LEN: usize = 1 + 8;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another live process holds the store's lock (sled takes an exclusive file lock).
+    #[error("store {dir} is locked by another process (is another agent running?)")]
+    Locked {
+        /// The store directory.
+        dir: PathBuf,
+        /// sled's report.
+        #[source]
+        source: sled::Error,
+    },
+    /// The store could not be opened, even fresh after quarantining the old one.
+    #[error("cannot open store {dir}")]
+    Open {
+        /// The store directory.
+        dir: PathBuf,
+        /// sled's report.
+        #[source]
+        source: sled::Error,
+    },
+    /// A store that failed to open could not be moved aside.
+    #[error("cannot quarantine store {dir} to {to}")]
+    Quarantine {
+        /// The store directory.
+        dir: PathBuf,
+        /// Where it was to be moved.
+        to: PathBuf,
+        /// The rename's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A sled operation failed.
+    #[error("store: {context}")]
+    Sled {
+        /// What the store was doing.
+        context: &'static str,
+        /// sled's report.
+        #[source]
+        source: sled::Error,
+    },
+    /// A stored value does not have the expected shape.
+    #[error("store: corrupt {what}: {reason}")]
+    Corrupt {
+        /// Which value.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed (I/O errors may be transient,
+    /// e.g. a full disk that gets cleaned; corruption and a held lock are not).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Sled { source: sled::Error::Io(_), .. })
+    }
+
+    fn sled(context: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
+        move |source| StoreError::Sled { context, source }
+    }
+}
+
+/// What [`Store::open`] found.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    /// Where a store that failed to open was moved (its data is not in the new store).
+    pub quarantined: Option<PathBuf>,
+    /// The store was created by this open (no epoch was found).
+    pub created: bool,
+}
+
+/// Handle to the shared sled database. Cheap to clone (sled handles are reference counted).
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: sled::Db,
+    snapshot: sled::Tree,
+    epoch: u64,
+}
+
+impl Store {
+    /// Opens (creating) the sled db in `dir` with `cache_capacity` bytes of cache and
+    /// `flush_every_ms = None` (we flush explicitly). Opens every tree, creates and flushes
+    /// the store epoch if missing. A store that fails to open for any reason but a lock held
+    /// by another process is renamed to `<dir>.corrupt-<unix secs>` and a fresh one opened.
+    pub fn open(dir: &Path, cache_capacity: u64) -> Result<(Store, OpenReport), StoreError> {
+        let first = match Self::try_open(dir, cache_capacity) {
+            Ok((store, created)) => {
+                return Ok((store, OpenReport { quarantined: None, created }));
+            }
+            Err(error) => error,
+        };
+        if let OpenFailure::Sled(source) = &first
+            && is_lock_error(source)
+        {
+            let OpenFailure::Sled(source) = first else { unreachable!("matched above") };
+            return Err(StoreError::Locked { dir: dir.to_path_buf(), source });
+        }
+
+        let to = quarantine_path(dir);
+        tracing::error!(
+            dir = %dir.display(),
+            to = %to.display(),
+            error = %first,
+            "store failed to open; moving it aside and starting a fresh one"
+        );
+        std::fs::rename(dir, &to).map_err(|source| StoreError::Quarantine {
+            dir: dir.to_path_buf(),
+            to: to.clone(),
+            source,
+        })?;
+        // One attempt only: if a fresh store fails too, the disk itself is the problem and
+        // the caller has to see the error (no crash loop of quarantines).
+        match Self::try_open(dir, cache_capacity) {
+            Ok((store, created)) => Ok((store, OpenReport { quarantined: Some(to), created })),
+            Err(OpenFailure::Sled(source)) if is_lock_error(&source) => {
+                Err(StoreError::Locked { dir: dir.to_path_buf(), source })
+            }
+            Err(OpenFailure::Sled(source)) => {
+                Err(StoreError::Open { dir: dir.to_path_buf(), source })
+            }
+            Err(OpenFailure::BadEpoch(reason)) => {
+                Err(StoreError::Corrupt { what: "store epoch", reason })
+            }
+        }
+    }
+
+    /// Opens the db, every tree and the epoch; `Ok(created)`.
+    fn try_open(dir: &Path, cache_capacity: u64) -> Result<(Store, bool), OpenFailure> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .flush_every_ms(None)
+            .open()
+            .map_err(OpenFailure::Sled)?;
+        // Opening every tree up front makes a damaged tree root show up here, where it can be
+        // quarantined, rather than later in some task.
+        for name in ALL_TREES {
+            db.open_tree(name).map_err(OpenFailure::Sled)?;
+        }
+        let meta = db.open_tree(TREE_META).map_err(OpenFailure::Sled)?;
+        let snapshot = db.open_tree(TREE_SNAPSHOT).map_err(OpenFailure::Sled)?;
+        let (epoch, created) = match meta.get(EPOCH_KEY).map_err(OpenFailure::Sled)? {
+            Some(bytes) => {
+                let array: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
+                    OpenFailure::BadEpoch(format!("{} bytes instead of 8", bytes.len()))
+                })?;
+                (u64::from_be_bytes(array), false)
+            }
+            None => {
+                // Non-zero so that 0 can never be mistaken for a real epoch in logs or ids.
+                let epoch = fastrand::u64(1..);
+                meta.insert(EPOCH_KEY, &epoch.to_be_bytes()).map_err(OpenFailure::Sled)?;
+                // Durable before any record id is built from it.
+                db.flush().map_err(OpenFailure::Sled)?;
+                (epoch, true)
+            }
+        };
+        Ok((Store { db, snapshot, epoch }, created))
+    }
+
+    /// The sled database, for modules that open their own trees.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// The store epoch: random, fixed for the life of this store.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Blocking fsync of the whole db (sled flush is db-wide). Call from `spawn_blocking`.
+    /// Never use `flush_async` (deadlocks in sled 0.34).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(drop).map_err(StoreError::sled("flush"))
+    }
+
+    /// Stores processor state and the journal position it covers, in one key so that both
+    /// change atomically. Not durable until [`Store::flush`].
+    pub fn save_snapshot(&self, position: u64, state: &[u8]) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(SNAPSHOT_HEADER_LEN + state.len());
+        value.push(SNAPSHOT_VERSION);
+        value.extend_from_slice(&position.to_be_bytes());
+        value.extend_from_slice(state);
+        self.snapshot.insert(SNAPSHOT_KEY, value).map_err(StoreError::sled("save snapshot"))?;
+        Ok(())
+    }
+
+    /// The last saved snapshot: `(journal position, state)`, or `None` if none was saved.
+    pub fn load_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let Some(value) =
+            self.snapshot.get(SNAPSHOT_KEY).map_err(StoreError::sled("load snapshot"))?
+        else {
+            return Ok(None);
+        };
+        if value.len() < SNAPSHOT_HEADER_LEN {
+            return Err(StoreError::Corrupt {
+                what: "snapshot",
+                reason: format!("{} bytes, shorter than its header", value.len()),
+            });
+        }
+        if value[0] != SNAPSHOT_VERSION {
+            return Err(StoreError::Corrupt {
+                what: "snapshot",
+                reason: format!("unknown version {}", value[0]),
+            });
+        }
+        let mut position = [0u8; 8];
+        position.copy_from_slice(&value[1..SNAPSHOT_HEADER_LEN]);
+        Ok(Some((u64::from_be_bytes(position), value[SNAPSHOT_HEADER_LEN..].to_vec())))
+    }
+}
+
+/// Why one open attempt failed.
+#[derive(Debug)]
+enum OpenFailure {
+    Sled(sled::Error),
+    BadEpoch(String),
+}
+
+impl std::fmt::Display for OpenFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenFailure::Sled(e) => write!(f, "{e}"),
+            OpenFailure::BadEpoch(reason) => write!(f, "bad store epoch: {reason}"),
+        }
+    }
+}
+
+/// sled 0.34 reports a held lock as `Io(Other, "could not acquire lock on ...")` (see
+/// `Config::try_lock`); there is no dedicated variant, so the message is the only signal.
+fn is_lock_error(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// `<dir>.corrupt-<unix secs>`, with a `-<n>` suffix if that name is taken (two failures
+/// within one second must not collide).
+fn quarantine_path(dir: &Path) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // `components()` drops a trailing slash, so `data/` becomes `data.corrupt-…`, not
+    // `data/.corrupt-…` inside the directory being moved.
+    let base = dir.components().as_path().as_os_str().to_os_string();
+    let mut candidate = base.clone();
+    candidate.push(format!(".corrupt-{secs}"));
+    let mut n = 1u32;
+    while Path::new(&candidate).exists() {
+        candidate = base.clone();
+        candidate.push(format!(".corrupt-{secs}-{n}"));
+        n += 1;
+    }
+    PathBuf::from(candidate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CACHE: u64 = 1024 * 1024;
+
+    #[test]
+    fn a_new_store_gets_an_epoch_that_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        let (store, report) = Store::open(&dir, CACHE).unwrap();
+        assert!(report.created);
+        assert!(report.quarantined.is_none());
+        let epoch = store.epoch();
+        assert_ne!(epoch, 0);
+        drop(store);
+
+        let (store, report) = Store::open(&dir, CACHE).unwrap();
+        assert!(!report.created);
+        assert_eq!(store.epoch(), epoch);
+        for name in ALL_TREES {
+            assert!(store.db().tree_names().iter().any(|t| t.as_ref() == name.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_with_its_position() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        let (store, _) = Store::open(&dir, CACHE).unwrap();
+        assert_eq!(store.load_snapshot().unwrap(), None);
+        store.save_snapshot(41, b"old").unwrap();
+        store.save_snapshot(42, b"state bytes").unwrap();
+        store.flush().unwrap();
+        drop(store);
+
+        let (store, _) = Store::open(&dir, CACHE).unwrap();
+        assert_eq!(store.load_snapshot().unwrap(), Some((42, b"state bytes".to_vec())));
+    }
+
+    #[test]
+    fn a_second_open_of_a_store_in_use_is_locked_and_moves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        let (store, _) = Store::open(&dir, CACHE).unwrap();
+        let err = Store::open(&dir, CACHE).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        assert!(!err.is_retryable());
+        // The store in use is untouched: no quarantine directory appeared.
+        let entries: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert_eq!(entries.len(), 1);
+        drop(store);
+    }
+
+    #[test]
+    fn a_corrupted_store_is_quarantined_and_a_fresh_one_opens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        let (store, _) = Store::open(&dir, CACHE).unwrap();
+        let old_epoch = store.epoch();
+        store.save_snapshot(7, b"precious").unwrap();
+        store.flush().unwrap();
+        drop(store);
+
+        // Garbage over every file of the store, as a bad SD card would leave it.
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                let len = std::fs::metadata(&path).unwrap().len().max(64) as usize;
+                let garbage: Vec<u8> = (0..len).map(|i| (i * 7 + 13) as u8).collect();
+                std::fs::write(&path, garbage).unwrap();
+            }
+        }
+
+        let (store, report) = Store::open(&dir, CACHE).unwrap();
+        let quarantined = report.quarantined.expect("the corrupt store is moved aside");
+        assert!(report.created);
+        assert!(quarantined.exists());
+        let name = quarantined.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("db.corrupt-"), "{name}");
+        assert_ne!(store.epoch(), old_epoch);
+        assert_eq!(store.load_snapshot().unwrap(), None);
+    }
+
+    #[test]
+    fn quarantine_names_do_not_collide() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        let first = quarantine_path(&dir);
+        std::fs::create_dir(&first).unwrap();
+        let second = quarantine_path(&dir);
+        assert_ne!(first, second);
+        let with_slash = quarantine_path(Path::new("some/dir/"));
+        assert!(with_slash.to_string_lossy().starts_with("some/dir.corrupt-"), "{with_slash:?}");
+    }
+}

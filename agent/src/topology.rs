@@ -1,1 +1,276 @@
-//! TODO: topology
+//! Spawns the stages and runs the one shutdown path.
+//!
+//! ```text
+//! sources ──Ingest──▶ journal writer ──(seq, Entry)──▶ processor ──▶ outbox ◀── forwarder
+//!   (N tasks)  bounded      (group commit,     bounded      (rules,        (sled)    (upstream)
+//!                           acks after fsync)               summaries, snapshots)
+//! ```
+//!
+//! Shutdown order (each stage ends when its input closes, so nothing accepted is left behind):
+//! 1. the sources stop (cancel) and drop their ingest senders;
+//! 2. the journal writer drains the channel, makes its final commit and closes the processor
+//!    channel;
+//! 3. the processor applies what it got, snapshots and flushes;
+//! 4. the forwarder finishes its in-flight send before `agent.shutdown_timeout`;
+//! 5. a last flush of the store.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::metrics::{self, Metrics};
+use crate::outbox::Outbox;
+use crate::store::Store;
+use crate::{forward, journal, processor, source};
+
+/// Ingest messages in flight between the sources and the journal writer. One group commit takes
+/// at most `journal.commit_max_entries`; twice the default lets the next commit fill while the
+/// current one is being flushed. When full, sources wait (MQTT then stops reading its socket and
+/// the broker queues for us).
+pub const INGEST_CHANNEL_CAPACITY: usize = 8192;
+
+/// Committed batches waiting for the processor. Each is one group commit, so this bounds the
+/// processor's lag to a few commits before the writer waits.
+pub const PROCESSOR_CHANNEL_CAPACITY: usize = 16;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// The store could not be opened.
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        /// The data directory.
+        dir: String,
+        /// The cause.
+        source: crate::store::StoreError,
+    },
+    /// The journal could not be opened.
+    #[error("cannot open the journal: {0}")]
+    Journal(#[from] crate::journal::JournalError),
+    /// The outbox could not be opened.
+    #[error("cannot open the outbox: {0}")]
+    Outbox(#[from] crate::outbox::OutboxError),
+    /// A stage failed while running.
+    #[error("{stage} failed: {reason}")]
+    Stage {
+        /// Which stage.
+        stage: &'static str,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// Runs the agent until `shutdown` resolves (or a stage fails), then stops in order.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), TopologyError> {
+    run_with_metrics(config, Arc::new(Metrics::default()), shutdown).await
+}
+
+/// [`run`] with caller-owned metrics (tests and the API read them).
+pub async fn run_with_metrics(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TopologyError> {
+    // reqwest and (later) rumqttc TLS use the process-wide rustls provider: ring, never aws-lc.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = Arc::new(config);
+    let dir = config.agent.data_dir.clone();
+    let (store, report) = Store::open(&dir, config.storage.cache_capacity.bytes())
+        .map_err(|source| TopologyError::Store { dir: dir.display().to_string(), source })?;
+    if let Some(moved) = &report.quarantined {
+        error!(
+            moved_to = %moved.display(),
+            "the store was corrupted; it was moved aside and a fresh one was created"
+        );
+    }
+    let journal = journal::Journal::open(&store)?;
+    let reader = journal.reader();
+    let outbox = Outbox::open(&store, &config.agent.id, &config.buffer, metrics.clone())?;
+    info!(
+        agent = %config.agent.id,
+        data_dir = %dir.display(),
+        epoch = format_args!("{:x}", store.epoch()),
+        journal_last_seq = journal.last_seq(),
+        "edgewise {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let (ingest_tx, ingest_rx) = mpsc::channel(INGEST_CHANNEL_CAPACITY);
+    let (processor_tx, processor_rx) = mpsc::channel(PROCESSOR_CHANNEL_CAPACITY);
+    let source_cancel = CancellationToken::new();
+    let forward_cancel = CancellationToken::new();
+    let failed = CancellationToken::new();
+
+    let writer = watch_stage(
+        "journal writer",
+        failed.clone(),
+        tokio::spawn(journal::run_writer(
+            journal,
+            store.clone(),
+            config.journal.clone(),
+            ingest_rx,
+            processor_tx,
+            metrics.clone(),
+        )),
+    );
+    let processor = watch_stage(
+        "processor",
+        failed.clone(),
+        tokio::spawn(processor::run(
+            config.clone(),
+            store.clone(),
+            reader,
+            outbox.clone(),
+            processor_rx,
+            metrics.clone(),
+        )),
+    );
+    let forwarder = watch_stage(
+        "forwarder",
+        failed.clone(),
+        tokio::spawn(forward::run(
+            config.clone(),
+            outbox.clone(),
+            metrics.clone(),
+            forward_cancel.clone(),
+        )),
+    );
+    let mut sources = Vec::new();
+    for index in 0..config.sources.len() {
+        let name = config.sources[index].name().to_string();
+        sources.push(watch_stage(
+            "source",
+            failed.clone(),
+            tokio::spawn({
+                let (config, tx, metrics, cancel) =
+                    (config.clone(), ingest_tx.clone(), metrics.clone(), source_cancel.clone());
+                async move {
+                    let result = source::run(index as u16, config, tx, metrics, cancel).await;
+                    if let Err(e) = &result {
+                        error!(source = %name, error = %e, "source stopped");
+                    }
+                    result
+                }
+            }),
+        ));
+    }
+    drop(ingest_tx);
+    let status = tokio::spawn(status_loop(
+        config.agent.status_interval,
+        metrics.clone(),
+        outbox.clone(),
+        forward_cancel.clone(),
+    ));
+
+    let mut result = Ok(());
+    tokio::select! {
+        () = shutdown => info!("shutting down"),
+        () = failed.cancelled() => {
+            result = Err(TopologyError::Stage {
+                stage: "agent",
+                reason: "a stage failed; see the log above".into(),
+            });
+        }
+    }
+
+    source_cancel.cancel();
+    for s in sources {
+        let _ = s.await;
+    }
+    let _ = writer.await;
+    let _ = processor.await;
+    forward_cancel.cancel();
+    if tokio::time::timeout(config.agent.shutdown_timeout, forwarder).await.is_err() {
+        warn!(
+            timeout = ?config.agent.shutdown_timeout,
+            "upstream send still in flight at the shutdown deadline; it is resent after restart"
+        );
+    }
+    status.abort();
+    let flush_store = store.clone();
+    match tokio::task::spawn_blocking(move || flush_store.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "final flush failed"),
+        Err(e) => warn!(error = %e, "final flush task failed"),
+    }
+    let stats = outbox.stats();
+    info!(
+        outbox_alerts = stats.alerts.records,
+        outbox_summaries = stats.summaries.records,
+        "stopped"
+    );
+    result
+}
+
+/// Wraps a stage's task so that an error or a panic cancels `failed` (which stops the agent:
+/// systemd restarts it, and the journal and snapshot make the restart lossless).
+fn watch_stage<E: std::fmt::Display + Send + 'static>(
+    stage: &'static str,
+    failed: CancellationToken,
+    handle: JoinHandle<Result<(), E>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(stage, error = %e, "stage failed");
+                failed.cancel();
+            }
+            Err(e) => {
+                error!(stage, error = %e, "stage panicked");
+                failed.cancel();
+            }
+        }
+    })
+}
+
+/// Logs one status line every `interval`: rates in, alerts, outbox depth, upstream state.
+async fn status_loop(
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    outbox: Outbox,
+    stop: CancellationToken,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut last_in = metrics::get(&metrics.events_in);
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let now = Instant::now();
+        let events_in = metrics::get(&metrics.events_in);
+        let rate = (events_in - last_in) as f64 / now.duration_since(last).as_secs_f64();
+        (last_in, last) = (events_in, now);
+        let stats = outbox.stats();
+        let upstream = if metrics::get(&metrics.upstream_up) == 1 { "up" } else { "down" };
+        info!(
+            events_per_s = format_args!("{rate:.1}"),
+            events_in,
+            rejected = metrics.rejected_total(),
+            late = metrics::get(&metrics.late_events),
+            alerts_raised = metrics::get(&metrics.alerts_raised),
+            alerts_cleared = metrics::get(&metrics.alerts_cleared),
+            summaries = metrics::get(&metrics.summaries),
+            outbox_alerts = stats.alerts.records,
+            outbox_summaries = stats.summaries.records,
+            outbox_bytes = stats.alerts.bytes + stats.summaries.bytes,
+            evicted = stats.evicted,
+            sent = metrics::get(&metrics.upstream_sent_records),
+            upstream,
+            "status"
+        );
+    }
+}
