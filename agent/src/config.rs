@@ -528,7 +528,8 @@ pub struct BatchConfig {
     /// Most records in one batch. Default 500.
     #[serde(default = "default_batch_records")]
     pub max_records: usize,
-    /// Most (uncompressed) bytes in one batch. Default 256 KiB.
+    /// Most bytes in one batch, counted as stored in the outbox (postcard); the JSON body is
+    /// about 2-3x larger before compression. Default 256 KiB.
     #[serde(default = "default_batch_bytes")]
     pub max_bytes: ByteSize,
     /// How long a summary may wait for more records to fill a batch; alerts never wait.

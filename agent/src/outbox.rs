@@ -17,10 +17,13 @@
 //!   which seqs were lost and which time they covered. Later evictions extend that gap.
 //!   Alerts are evicted the same way only when no summary is left. Gap records themselves
 //!   are never evicted. Every eviction is counted (`metrics.outbox_evicted`).
-//! - **A gap is never extended past what the forwarder already holds.** If the gap record
-//!   was handed out by [`Outbox::peek`] (it may be in flight), extending it to seqs the
-//!   forwarder has not seen would let the pending ack delete the extension unseen; a new
-//!   gap starts instead at the first such evicted seq.
+//! - **A gap upstream may already hold is never extended past what it holds.** Upstream
+//!   de-duplicates by id, so a grown copy of a gap it already received would be dropped,
+//!   and the ack of the old copy would delete the grown one unseen. A gap handed out by
+//!   [`Outbox::peek`] therefore grows only by seqs handed out in the same batch, and a gap
+//!   found at open (an earlier run may have sent it) does not grow at all; a new gap starts
+//!   at the first evicted seq it may not cover. This costs at most one extra gap record per
+//!   forwarder batch window of evictions (and per restart).
 //! - **Nothing is lost on dead-lettering.** A record moved to `dead_letter` is written there
 //!   before it is deleted from the lane: a crash in between leaves it in both trees (sent
 //!   again, rejected again), never in neither.
@@ -60,7 +63,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sensors::record::{Gap, Lane, Record, RecordBody, record_id};
+use sensors::record::{Gap, Lane, Record, RecordBody, gap_id, record_id};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -221,6 +224,9 @@ struct LaneState {
     oldest: Option<u64>,
     /// Highest seq returned by `peek` in this process: those records may be in flight.
     handed_out_through: Option<u64>,
+    /// Key of the newest `outbox_full` gap found at open: an earlier run may have sent those
+    /// gaps, and upstream de-duplicates by id, so they are never extended.
+    sealed_through: Option<u64>,
 }
 
 impl LaneState {
@@ -247,7 +253,15 @@ impl Outbox {
         for item in tree.iter() {
             let (key, value) = item.map_err(OutboxError::sled("scan at open"))?;
             if let Some((lane, seq)) = decode_record_key(&key) {
+                let is_our_gap = matches!(
+                    decode_record(&value),
+                    Ok(Record { body: RecordBody::Gap(ref gap), .. })
+                        if gap.reason == GAP_REASON_OUTBOX_FULL
+                );
                 let lane_state = state.lane(lane);
+                if is_our_gap {
+                    lane_state.sealed_through = Some(seq);
+                }
                 lane_state.records += 1;
                 lane_state.bytes += (key.len() + value.len()) as u64;
                 lane_state.oldest.get_or_insert(seq);
@@ -541,6 +555,7 @@ impl Outbox {
     fn evict(&self, state: &mut State, lane: Lane) -> Result<(), OutboxError> {
         let inner = &self.inner;
         let handed_out = state.lane(lane).handed_out_through;
+        let sealed = state.lane(lane).sealed_through;
         let total_before = state.total_bytes();
         // Only this lane changes, so the lane's new byte count follows from the total.
         let mut total = total_before;
@@ -570,11 +585,13 @@ impl Outbox {
             };
             removed.push(seq);
             total -= size;
-            // Extending a handed-out gap is safe only with seqs that were handed out too:
-            // otherwise the ack of the old gap would delete the news of this loss unseen.
-            let gap_seq = match current_gap
-                .filter(|&gap_seq| handed_out.is_none_or(|h| gap_seq > h || seq <= h))
-            {
+            // Upstream de-duplicates by id, so a gap it may already hold must not grow: a
+            // handed-out gap grows only by seqs handed out with it (they arrive in the same
+            // batch), and a gap from an earlier run not at all.
+            let gap_seq = match current_gap.filter(|&gap_seq| {
+                sealed.is_none_or(|s| gap_seq > s)
+                    && handed_out.is_none_or(|h| gap_seq > h || seq <= h)
+            }) {
                 Some(gap_seq) => gap_seq,
                 None => {
                     // A new gap takes the key (and so the id) of the first record it covers.
@@ -632,7 +649,7 @@ impl Outbox {
 
     fn encode_gap(&self, lane: Lane, seq: u64, gap: &Gap) -> Result<Vec<u8>, OutboxError> {
         let record = Record {
-            id: record_id(&self.inner.agent, self.inner.epoch, lane, seq),
+            id: gap_id(&self.inner.agent, self.inner.epoch, lane, seq),
             seq,
             body: RecordBody::Gap(gap.clone()),
         };
@@ -683,5 +700,514 @@ fn decode_record(value: &[u8]) -> Result<Record, String> {
         Some((&VALUE_VERSION, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
         Some((version, _)) => Err(format!("unknown version {version}")),
         None => Err("empty value".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ByteSize, WhenFull};
+    use proptest::prelude::*;
+    use sensors::record::{Alert, AlertState, Severity, Summary};
+    use std::sync::atomic::Ordering;
+
+    const AGENT: &str = "gw";
+    const BIG: u64 = 64 * 1024 * 1024;
+
+    fn open(dir: &tempfile::TempDir, max_bytes: u64) -> (Store, Outbox, Arc<Metrics>) {
+        let store = reopen_store(dir);
+        let metrics = Arc::new(Metrics::default());
+        let cfg = BufferConfig { max_bytes: ByteSize(max_bytes), when_full: WhenFull::default() };
+        let outbox = Outbox::open(&store, AGENT, &cfg, Arc::clone(&metrics)).unwrap();
+        (store, outbox, metrics)
+    }
+
+    /// Opens the store, waiting out the file lock of a just-dropped handle: sled's I/O
+    /// threads may still hold the file for a moment after the last handle is dropped.
+    fn reopen_store(dir: &tempfile::TempDir) -> Store {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Store::open(&dir.path().join("db"), 1024 * 1024) {
+                Ok((store, _)) => return store,
+                Err(crate::store::StoreError::Locked { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+    }
+
+    fn summary(start_ms: i64) -> RecordBody {
+        RecordBody::Summary(Summary {
+            series: "pump-1/temp".into(),
+            start_ms,
+            window_ms: 1_000,
+            count: 3,
+            min: 1.0,
+            max: 3.0,
+            mean: 2.0,
+            stddev: 0.8,
+            first: 1.0,
+            last: 3.0,
+        })
+    }
+
+    fn alert(ts_ms: i64, message_len: usize) -> RecordBody {
+        RecordBody::Alert(Alert {
+            rule: "hot".into(),
+            series: "pump-1/temp".into(),
+            state: AlertState::Raised,
+            severity: Severity::Critical,
+            ts_ms,
+            value: 99.0,
+            threshold: 90.0,
+            message: "x".repeat(message_len),
+        })
+    }
+
+    /// Bytes a record takes in the outbox (key + value).
+    fn size(store: &Store, lane: Lane, seq: u64, body: &RecordBody) -> u64 {
+        let id = match body {
+            RecordBody::Gap(_) => gap_id(AGENT, store.epoch(), lane, seq),
+            _ => record_id(AGENT, store.epoch(), lane, seq),
+        };
+        let record = Record { id, seq, body: body.clone() };
+        (RECORD_KEY_LEN + encode_record(lane, &record).unwrap().len()) as u64
+    }
+
+    /// Every record of the lane, read from the tree (unlike `peek`, hands nothing out).
+    fn all(outbox: &Outbox, lane: Lane) -> Vec<Record> {
+        outbox
+            .inner
+            .tree
+            .scan_prefix([lane.tag()])
+            .values()
+            .map(|value| decode_record(&value.unwrap()).unwrap())
+            .collect()
+    }
+
+    fn seqs(records: &[Record]) -> Vec<u64> {
+        records.iter().map(|r| r.seq).collect()
+    }
+
+    fn gap_of(record: &Record) -> Option<&Gap> {
+        match &record.body {
+            RecordBody::Gap(gap) => Some(gap),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn records_are_peeked_in_order_and_removed_as_a_prefix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, outbox, _) = open(&tmp, BIG);
+        assert_eq!(outbox.next_seq(Lane::Alerts), 0);
+        for seq in 0..4 {
+            assert!(outbox.put(Lane::Alerts, seq, alert(seq as i64, 3)).unwrap());
+        }
+        for seq in 0..3 {
+            assert!(outbox.put(Lane::Summaries, seq, summary(seq as i64)).unwrap());
+        }
+        let peeked = outbox.peek(Lane::Alerts, 2, u64::MAX).unwrap();
+        assert_eq!(seqs(&peeked), vec![0, 1]);
+        assert_eq!(peeked[1].id, record_id(AGENT, store.epoch(), Lane::Alerts, 1));
+        assert_eq!(peeked[1].body, alert(1, 3));
+        // A byte limit below one record still yields one record.
+        assert_eq!(seqs(&outbox.peek(Lane::Summaries, 10, 1).unwrap()), vec![0]);
+        let two = size(&store, Lane::Summaries, 0, &summary(0)) * 2;
+        assert_eq!(seqs(&outbox.peek(Lane::Summaries, 10, two).unwrap()), vec![0, 1]);
+
+        outbox.remove_through(Lane::Alerts, 1).unwrap();
+        assert_eq!(seqs(&all(&outbox, Lane::Alerts)), vec![2, 3]);
+        assert_eq!(seqs(&all(&outbox, Lane::Summaries)), vec![0, 1, 2]);
+        let stats = outbox.stats();
+        assert_eq!(stats.alerts.records, 2);
+        assert_eq!(stats.alerts.oldest_seq, Some(2));
+        assert_eq!(
+            stats.alerts.bytes,
+            size(&store, Lane::Alerts, 2, &alert(2, 3))
+                + size(&store, Lane::Alerts, 3, &alert(3, 3))
+        );
+        assert_eq!(stats.summaries.records, 3);
+        outbox.remove_through(Lane::Alerts, 99).unwrap();
+        assert_eq!(outbox.stats().alerts, LaneStats::default());
+        assert_eq!(outbox.next_seq(Lane::Alerts), 4, "removal does not rewind the lane");
+    }
+
+    #[test]
+    fn a_put_of_an_old_seq_is_refused_after_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, outbox, _) = open(&tmp, BIG);
+        assert!(outbox.put(Lane::Summaries, 0, summary(0)).unwrap());
+        assert!(outbox.put(Lane::Summaries, 1, summary(1)).unwrap());
+        outbox.remove_through(Lane::Summaries, 1).unwrap();
+        store.flush().unwrap();
+        drop((outbox, store));
+
+        let (_store, outbox, _) = open(&tmp, BIG);
+        assert_eq!(outbox.next_seq(Lane::Summaries), 2);
+        // The processor replays after a crash and produces seq 1 again: fenced off.
+        assert!(!outbox.put(Lane::Summaries, 1, summary(1)).unwrap());
+        assert!(all(&outbox, Lane::Summaries).is_empty());
+        assert!(outbox.put(Lane::Summaries, 2, summary(2)).unwrap());
+        assert_eq!(seqs(&all(&outbox, Lane::Summaries)), vec![2]);
+    }
+
+    #[test]
+    fn counters_are_right_after_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, outbox, _) = open(&tmp, BIG);
+        for seq in 0..5 {
+            outbox.put(Lane::Alerts, seq, alert(seq as i64, seq as usize)).unwrap();
+            outbox.put(Lane::Summaries, seq, summary(seq as i64)).unwrap();
+        }
+        outbox.remove_through(Lane::Summaries, 1).unwrap();
+        let rejected = outbox.peek(Lane::Alerts, 1, u64::MAX).unwrap();
+        outbox.dead_letter(Lane::Alerts, &rejected, "400 Bad Request").unwrap();
+        let before = outbox.stats();
+        assert_eq!(before.dead_letter_records, 1);
+        assert_eq!(before.alerts.oldest_seq, Some(1));
+        store.flush().unwrap();
+        drop((outbox, store));
+
+        let (_store, outbox, _) = open(&tmp, BIG);
+        let after = outbox.stats();
+        assert_eq!(after.alerts, before.alerts);
+        assert_eq!(after.summaries, before.summaries);
+        assert_eq!(after.dead_letter_records, 1);
+        assert_eq!(outbox.next_seq(Lane::Alerts), 5);
+        assert_eq!(outbox.next_seq(Lane::Summaries), 5);
+    }
+
+    #[test]
+    fn dead_lettered_records_leave_the_lane_with_their_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, outbox, _) = open(&tmp, BIG);
+        for seq in 0..3 {
+            outbox.put(Lane::Alerts, seq, alert(0, 1)).unwrap();
+        }
+        let batch = outbox.peek(Lane::Alerts, 2, u64::MAX).unwrap();
+        outbox.dead_letter(Lane::Alerts, &batch, "422 unknown field").unwrap();
+        assert_eq!(seqs(&all(&outbox, Lane::Alerts)), vec![2]);
+        let dead = store.db().open_tree(TREE_DEAD_LETTER).unwrap();
+        let value = dead.get(record_key(Lane::Alerts, 1)).unwrap().unwrap();
+        let letter: DeadLetter = postcard::from_bytes(&value[1..]).unwrap();
+        assert_eq!(letter.reason, "422 unknown field");
+        assert_eq!(decode_record(&letter.stored).unwrap(), batch[1]);
+        // Dead-lettering again (a retry after a crash) neither fails nor double counts.
+        outbox.dead_letter(Lane::Alerts, &batch, "422 unknown field").unwrap();
+        assert_eq!(outbox.stats().dead_letter_records, 2);
+    }
+
+    #[test]
+    fn eviction_at_the_cap_replaces_the_oldest_summaries_by_one_gap_and_keeps_alerts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let probe = tempfile::tempdir().unwrap();
+        let (probe_store, _, _) = open(&probe, BIG);
+        // Room for both alerts and about four summaries.
+        let cap = 2 * size(&probe_store, Lane::Alerts, 0, &alert(0, 20))
+            + 4 * size(&probe_store, Lane::Summaries, 0, &summary(0))
+            + 8;
+        drop(probe_store);
+        let (_store, outbox, metrics) = open(&tmp, cap);
+        outbox.put(Lane::Alerts, 0, alert(5, 20)).unwrap();
+        outbox.put(Lane::Alerts, 1, alert(6, 20)).unwrap();
+        for seq in 0..10u64 {
+            outbox.put(Lane::Summaries, seq, summary(seq as i64 * 1_000)).unwrap();
+        }
+
+        assert_eq!(seqs(&all(&outbox, Lane::Alerts)), vec![0, 1], "alerts survive");
+        let lane = all(&outbox, Lane::Summaries);
+        let gap = gap_of(&lane[0]).expect("the oldest summary record is a gap");
+        assert_eq!(lane[0].seq, 0, "the gap sits at the key of the first evicted record");
+        assert_eq!(lane[0].id, gap_id(AGENT, _store.epoch(), Lane::Summaries, 0));
+        let kept = seqs(&lane[1..]);
+        assert!(lane[1..].iter().all(|r| gap_of(r).is_none()), "one gap only");
+        // The gap covers exactly the seqs that are gone, in order.
+        assert_eq!(gap.first_seq, 0);
+        assert_eq!(gap.last_seq + 1, kept[0]);
+        assert_eq!(kept, (kept[0]..10).collect::<Vec<_>>());
+        assert_eq!(gap.records, kept[0]);
+        assert_eq!(gap.from_ms, Some(0));
+        assert_eq!(gap.to_ms, Some(gap.last_seq as i64 * 1_000));
+        assert_eq!(gap.reason, GAP_REASON_OUTBOX_FULL);
+        assert_eq!(gap.lane, Lane::Summaries);
+
+        let stats = outbox.stats();
+        assert!(stats.alerts.bytes + stats.summaries.bytes <= cap);
+        assert_eq!(stats.evicted, gap.records);
+        assert_eq!(metrics.outbox_evicted.load(Ordering::Relaxed), gap.records);
+        assert_eq!(stats.summaries.records, lane.len() as u64);
+        let counted: u64 =
+            lane.iter().map(|r| size(&_store, Lane::Summaries, r.seq, &r.body)).sum();
+        assert_eq!(stats.summaries.bytes, counted);
+    }
+
+    #[test]
+    fn alerts_are_evicted_only_when_no_summary_is_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let probe = tempfile::tempdir().unwrap();
+        let (probe_store, _, _) = open(&probe, BIG);
+        // Three alerts and a gap fit, three alerts and a summary do not.
+        let one_gap = RecordBody::Gap(Gap {
+            lane: Lane::Summaries,
+            first_seq: 0,
+            last_seq: 0,
+            records: 1,
+            from_ms: Some(0),
+            to_ms: Some(0),
+            reason: GAP_REASON_OUTBOX_FULL.into(),
+        });
+        let gap_size = size(&probe_store, Lane::Summaries, 0, &one_gap);
+        let summary_size = size(&probe_store, Lane::Summaries, 0, &summary(0));
+        assert!(gap_size < summary_size);
+        let cap = 3 * size(&probe_store, Lane::Alerts, 0, &alert(0, 40)) + gap_size;
+        drop(probe_store);
+        let (_store, outbox, _) = open(&tmp, cap);
+        outbox.put(Lane::Summaries, 0, summary(0)).unwrap();
+        for seq in 0..3 {
+            outbox.put(Lane::Alerts, seq, alert(seq as i64, 40)).unwrap();
+        }
+        // Over the cap: the summary goes first, all alerts stay.
+        assert_eq!(seqs(&all(&outbox, Lane::Alerts)), vec![0, 1, 2]);
+        let summaries = all(&outbox, Lane::Summaries);
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(gap_of(&summaries[0]).map(|g| g.records), Some(1));
+        // More alerts: now the oldest alerts go, reported by an alert-lane gap.
+        for seq in 3..6 {
+            outbox.put(Lane::Alerts, seq, alert(seq as i64, 40)).unwrap();
+        }
+        let alerts = all(&outbox, Lane::Alerts);
+        let gap = gap_of(&alerts[0]).expect("an alert gap");
+        assert_eq!((gap.first_seq, gap.lane), (0, Lane::Alerts));
+        assert_eq!(gap.last_seq + 1, alerts[1].seq);
+        assert_eq!(seqs(&alerts[1..]), (alerts[1].seq..6).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_handed_out_gap_is_not_extended_past_what_was_handed_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let probe = tempfile::tempdir().unwrap();
+        let (probe_store, _, _) = open(&probe, BIG);
+        let cap = 3 * size(&probe_store, Lane::Summaries, 0, &summary(0));
+        drop(probe_store);
+        let (_store, outbox, _) = open(&tmp, cap);
+        for seq in 0..5 {
+            outbox.put(Lane::Summaries, seq, summary(0)).unwrap();
+        }
+        let in_flight = outbox.peek(Lane::Summaries, 1, u64::MAX).unwrap();
+        let first_gap = gap_of(&in_flight[0]).unwrap().clone();
+        for seq in 5..10 {
+            outbox.put(Lane::Summaries, seq, summary(0)).unwrap();
+        }
+        let lane = all(&outbox, Lane::Summaries);
+        assert_eq!(gap_of(&lane[0]), Some(&first_gap), "the gap in flight is unchanged");
+        let second = gap_of(&lane[1]).expect("a second gap covers the later evictions");
+        assert_eq!(lane[1].seq, first_gap.last_seq + 1);
+        assert_eq!(second.first_seq, first_gap.last_seq + 1);
+        // Acknowledging the first gap leaves the second one to report its loss.
+        outbox.remove_through(Lane::Summaries, in_flight[0].seq).unwrap();
+        assert!(gap_of(&all(&outbox, Lane::Summaries)[0]).is_some());
+    }
+
+    #[test]
+    fn a_gap_from_an_earlier_run_is_not_extended() {
+        let tmp = tempfile::tempdir().unwrap();
+        let probe = tempfile::tempdir().unwrap();
+        let (probe_store, _, _) = open(&probe, BIG);
+        let cap = 3 * size(&probe_store, Lane::Summaries, 0, &summary(0));
+        drop(probe_store);
+        let (store, outbox, _) = open(&tmp, cap);
+        for seq in 0..5 {
+            outbox.put(Lane::Summaries, seq, summary(0)).unwrap();
+        }
+        let old_gap = gap_of(&all(&outbox, Lane::Summaries)[0]).unwrap().clone();
+        store.flush().unwrap();
+        drop((outbox, store));
+
+        let (_store, outbox, _) = open(&tmp, cap);
+        for seq in 5..10 {
+            outbox.put(Lane::Summaries, seq, summary(0)).unwrap();
+        }
+        let lane = all(&outbox, Lane::Summaries);
+        assert_eq!(gap_of(&lane[0]), Some(&old_gap));
+        let new_gap = gap_of(&lane[1]).expect("the evictions of this run get their own gap");
+        assert_eq!(new_gap.first_seq, old_gap.last_seq + 1);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_records_ends_when_a_record_is_put() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_store, outbox, _) = open(&tmp, BIG);
+        let waiter = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.wait_for_records().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        outbox.put(Lane::Alerts, 0, alert(0, 1)).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap();
+        // With records waiting it resolves at once.
+        tokio::time::timeout(Duration::from_secs(10), outbox.wait_for_records()).await.unwrap();
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Put { summary: bool, back: u8, len: u8 },
+        Peek { summary: bool, max: u8 },
+        RemoveThrough { summary: bool, ahead: u8 },
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (any::<bool>(), prop_oneof![3 => Just(0u8), 1 => 1u8..4], 0u8..60)
+                .prop_map(|(summary, back, len)| Op::Put { summary, back, len }),
+            2 => (any::<bool>(), 1u8..6).prop_map(|(summary, max)| Op::Peek { summary, max }),
+            2 => (any::<bool>(), 0u8..4)
+                .prop_map(|(summary, ahead)| Op::RemoveThrough { summary, ahead }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    fn lane_of(summary: bool) -> Lane {
+        if summary { Lane::Summaries } else { Lane::Alerts }
+    }
+
+    fn body(lane: Lane, seq: u64, len: u8) -> RecordBody {
+        match lane {
+            Lane::Alerts => alert(seq as i64, usize::from(len)),
+            Lane::Summaries => summary(seq as i64),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Without eviction the outbox behaves like a map of lanes to ordered records.
+        #[test]
+        fn the_outbox_matches_a_btreemap_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let tmp = tempfile::tempdir().unwrap();
+            let (mut store, mut outbox, _) = open(&tmp, BIG);
+            let mut model: BTreeMap<(Lane, u64), RecordBody> = BTreeMap::new();
+            let mut next = [0u64; 2];
+            for op in ops {
+                match op {
+                    Op::Put { summary, back, len } => {
+                        let lane = lane_of(summary);
+                        let n = &mut next[usize::from(lane.tag())];
+                        let seq = n.saturating_sub(u64::from(back));
+                        let fresh = seq >= *n;
+                        let body = body(lane, seq, len);
+                        prop_assert_eq!(outbox.put(lane, seq, body.clone()).unwrap(), fresh);
+                        if fresh {
+                            model.insert((lane, seq), body);
+                            *n = seq + 1;
+                        }
+                    }
+                    Op::Peek { summary, max } => {
+                        let lane = lane_of(summary);
+                        let got = outbox.peek(lane, usize::from(max), u64::MAX).unwrap();
+                        let want: Vec<(u64, RecordBody)> = model
+                            .range((lane, 0)..=(lane, u64::MAX))
+                            .take(usize::from(max))
+                            .map(|((_, seq), body)| (*seq, body.clone()))
+                            .collect();
+                        let got: Vec<(u64, RecordBody)> =
+                            got.into_iter().map(|r| (r.seq, r.body)).collect();
+                        prop_assert_eq!(got, want);
+                    }
+                    Op::RemoveThrough { summary, ahead } => {
+                        let lane = lane_of(summary);
+                        let oldest = model.range((lane, 0)..=(lane, u64::MAX)).next().map(|(k, _)| k.1);
+                        let through = oldest.unwrap_or(0) + u64::from(ahead);
+                        outbox.remove_through(lane, through).unwrap();
+                        model.retain(|(l, seq), _| *l != lane || *seq > through);
+                    }
+                    Op::Reopen => {
+                        drop(outbox);
+                        drop(store);
+                        (store, outbox, _) = open(&tmp, BIG);
+                    }
+                }
+                let stats = outbox.stats();
+                for (lane, lane_stats) in [(Lane::Alerts, &stats.alerts), (Lane::Summaries, &stats.summaries)] {
+                    let records: Vec<_> = model.range((lane, 0)..=(lane, u64::MAX)).collect();
+                    let bytes: u64 = records.iter().map(|((l, seq), b)| size(&store, *l, *seq, b)).sum();
+                    prop_assert_eq!(lane_stats.records, records.len() as u64);
+                    prop_assert_eq!(lane_stats.bytes, bytes);
+                    prop_assert_eq!(lane_stats.oldest_seq, records.first().map(|((_, s), _)| *s));
+                    prop_assert_eq!(outbox.next_seq(lane), next[usize::from(lane.tag())]);
+                }
+            }
+        }
+
+        /// At a small cap every seq ever put is either still there or inside exactly one gap,
+        /// the cap holds unless only gaps are left, and alerts go only after all summaries.
+        #[test]
+        fn eviction_accounts_for_every_record(
+            cap in 400u64..3000,
+            ops in proptest::collection::vec(op(), 1..60),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let (mut store, mut outbox, _) = open(&tmp, cap);
+            let mut next = [0u64; 2];
+            for op in ops {
+                let alerts_evicted_before = evicted_in(&outbox, Lane::Alerts);
+                match op {
+                    Op::Put { summary, len, .. } => {
+                        let lane = lane_of(summary);
+                        let seq = next[usize::from(lane.tag())];
+                        prop_assert!(outbox.put(lane, seq, body(lane, seq, len)).unwrap());
+                        next[usize::from(lane.tag())] = seq + 1;
+                    }
+                    Op::Peek { summary, max } => {
+                        outbox.peek(lane_of(summary), usize::from(max), u64::MAX).unwrap();
+                    }
+                    // No removals here: they would take records out of the accounting.
+                    Op::RemoveThrough { .. } => {}
+                    Op::Reopen => {
+                        drop(outbox);
+                        drop(store);
+                        (store, outbox, _) = open(&tmp, cap);
+                    }
+                }
+                let mut only_gaps = true;
+                let mut total = 0;
+                for lane in Lane::ALL {
+                    let records = all(&outbox, lane);
+                    let mut covered = Vec::new();
+                    for record in &records {
+                        total += size(&store, lane, record.seq, &record.body);
+                        match gap_of(record) {
+                            Some(gap) => {
+                                prop_assert_eq!(gap.first_seq, record.seq);
+                                prop_assert_eq!(gap.records, gap.last_seq - gap.first_seq + 1);
+                                covered.extend(gap.first_seq..=gap.last_seq);
+                            }
+                            None => {
+                                only_gaps = false;
+                                covered.push(record.seq);
+                            }
+                        }
+                    }
+                    let everything: Vec<u64> = (0..next[usize::from(lane.tag())]).collect();
+                    prop_assert_eq!(covered, everything, "lane {:?}", lane);
+                }
+                let stats = outbox.stats();
+                prop_assert_eq!(stats.alerts.bytes + stats.summaries.bytes, total);
+                prop_assert!(total <= cap || only_gaps, "{} > {}", total, cap);
+                if evicted_in(&outbox, Lane::Alerts) > alerts_evicted_before {
+                    let summaries = all(&outbox, Lane::Summaries);
+                    prop_assert!(summaries.iter().all(|r| gap_of(r).is_some()));
+                }
+            }
+        }
+    }
+
+    fn evicted_in(outbox: &Outbox, lane: Lane) -> u64 {
+        all(outbox, lane).iter().filter_map(gap_of).map(|g| g.records).sum()
     }
 }

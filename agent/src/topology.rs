@@ -255,7 +255,13 @@ async fn status_loop(
         let rate = (events_in - last_in) as f64 / now.duration_since(last).as_secs_f64();
         (last_in, last) = (events_in, now);
         let stats = outbox.stats();
-        let upstream = if metrics::get(&metrics.upstream_up) == 1 { "up" } else { "down" };
+        let upstream = if metrics::get(&metrics.upstream_up) == 1 {
+            "up"
+        } else if metrics::get(&metrics.upstream_failures) == 0 {
+            "idle"
+        } else {
+            "down"
+        };
         info!(
             events_per_s = format_args!("{rate:.1}"),
             events_in,

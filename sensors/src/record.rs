@@ -7,7 +7,8 @@
 //! <agent>:<store epoch, hex>:<lane>:<seq>
 //! ```
 //!
-//! Receivers de-duplicate by this id; a resent batch carries the same ids.
+//! Receivers de-duplicate by this id; a resent batch carries the same ids. A gap record has
+//! the id of the first record it replaced with `:gap` appended ([`gap_id`]).
 //!
 //! Versioning: [`BATCH_FORMAT_VERSION`] leads every batch. Adding a record kind or a field is
 //! a new version; enums are append-only so that postcard discriminants never move.
@@ -192,6 +193,15 @@ pub fn record_id(agent: &str, epoch: u64, lane: Lane, seq: u64) -> String {
     alloc::format!("{agent}:{epoch:x}:{}:{seq}", lane.as_str())
 }
 
+/// The id of a gap record that took the place of record `seq`: `<record id>:gap`.
+///
+/// A gap has an id of its own so that a receiver which already got record `seq` (its
+/// acknowledgement lost in a crash, so the record was still in the outbox when it was
+/// evicted) does not discard the gap as a duplicate of that record.
+pub fn gap_id(agent: &str, epoch: u64, lane: Lane, seq: u64) -> String {
+    alloc::format!("{}:gap", record_id(agent, epoch, lane, seq))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +209,7 @@ mod tests {
     #[test]
     fn record_ids_name_agent_epoch_lane_and_seq() {
         assert_eq!(record_id("gw-1", 0xbeef, Lane::Alerts, 7), "gw-1:beef:alerts:7");
+        assert_eq!(gap_id("gw-1", 0xbeef, Lane::Summaries, 7), "gw-1:beef:summaries:7:gap");
     }
 
     #[test]

@@ -169,6 +169,23 @@ impl Agent {
         }
     }
 
+    /// Freezes the process (SIGSTOP): its connections stay open but nothing is read, acked
+    /// or sent, as on a gateway that stalls.
+    pub fn pause(&self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: Signal) {
+        let pid = self.pid().expect("signal to an agent that is not running");
+        kill(Pid::from_raw(pid as i32), signal)
+            .unwrap_or_else(|e| panic!("cannot send {signal} to the agent: {e}"));
+    }
+
     /// Resident set size of the process in KiB (`VmRSS` of /proc/PID/status).
     pub fn rss_kb(&self) -> Option<u64> {
         let pid = self.pid()?;
@@ -200,6 +217,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // SIGKILL also ends a paused (stopped) process.
         self.kill9();
         if std::thread::panicking() {
             let logs = self.logs();

@@ -174,14 +174,21 @@ async fn classify(mut response: Response) -> Result<(), SendError> {
     }
 }
 
-/// Whether a non-2xx status is worth retrying: 408, 429 and 5xx say "not now"; every other
-/// 4xx says "never" (the batch itself is refused). 1xx/3xx never reach us from a sane
-/// receiver (redirects are off): they mean a misconfigured URL, which a technician fixes
-/// while the batches wait.
+/// Whether a non-2xx status is worth retrying: 408, 429 and 5xx say "not now". 401, 403 and
+/// 404 say "not here, not with these credentials": an expired token or a wrong path is fixed
+/// by a technician while the batches wait; dead-lettering would move every batch of the
+/// outage aside. Every other 4xx says "never" (the batch itself is refused). 1xx/3xx never
+/// reach us from a sane receiver (redirects are off): they mean a misconfigured URL too.
 pub(crate) fn is_retryable_status(status: StatusCode) -> bool {
     !status.is_client_error()
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
+        || matches!(
+            status,
+            StatusCode::REQUEST_TIMEOUT
+                | StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::NOT_FOUND
+        )
 }
 
 /// Reads up to `limit` bytes of the body as (lossy) UTF-8, trimmed; errors end the read,
@@ -535,10 +542,10 @@ mod tests {
     #[test]
     fn status_classes_follow_the_wire_contract() {
         let retryable = |code| is_retryable_status(StatusCode::from_u16(code).unwrap());
-        for code in [500, 502, 503, 504, 408, 429, 301, 307] {
+        for code in [500, 502, 503, 504, 408, 429, 401, 403, 404, 301, 307] {
             assert!(retryable(code), "{code}");
         }
-        for code in [400, 401, 403, 404, 409, 413, 415, 422] {
+        for code in [400, 409, 413, 415, 422] {
             assert!(!retryable(code), "{code}");
         }
     }
