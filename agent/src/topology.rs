@@ -265,6 +265,7 @@ async fn status_loop(
         info!(
             events_per_s = format_args!("{rate:.1}"),
             events_in,
+            commits = metrics::get(&metrics.journal_commits),
             rejected = metrics.rejected_total(),
             late = metrics::get(&metrics.late_events),
             alerts_raised = metrics::get(&metrics.alerts_raised),

@@ -34,6 +34,7 @@ pub fn edgewise_bin() -> PathBuf {
     for dir in exe.ancestors().skip(1) {
         let candidate = dir.join("edgewise");
         if candidate.is_file() {
+            warn_if_stale(&candidate);
             return candidate;
         }
         candidates.push(candidate);
@@ -45,6 +46,34 @@ pub fn edgewise_bin() -> PathBuf {
         "the edgewise binary is missing; build it first: cargo build -p edgewise \
          (looked at {candidates:?}; or set EDGEWISE_BIN)"
     );
+}
+
+/// Warns (once per test binary) when a source file of the agent is newer than the binary:
+/// `cargo test` does not rebuild another package's binary, and an old one fails confusingly.
+fn warn_if_stale(bin: &Path) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let Some(built) = modified(bin) else { return };
+        let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/src");
+        let mut stack = vec![sources];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if modified(&path).is_some_and(|m| m > built) {
+                    eprintln!(
+                        "warning: {} is newer than {}; run `cargo build -p edgewise` first",
+                        path.display(),
+                        bin.display()
+                    );
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// A running (or stopped) agent process with its config and logs in `dir`.

@@ -15,8 +15,12 @@ use nix::unistd::Pid;
 
 use crate::wait::{free_port, port_open, wait_until};
 
-/// Where Debian installs the broker.
+/// Where Debian installs the broker; `MOSQUITTO_BIN` overrides it.
 pub const MOSQUITTO_BIN: &str = "/usr/sbin/mosquitto";
+
+fn mosquitto_bin() -> std::ffi::OsString {
+    std::env::var_os("MOSQUITTO_BIN").unwrap_or_else(|| MOSQUITTO_BIN.into())
+}
 
 /// A running `mosquitto` on 127.0.0.1; killed on drop.
 #[derive(Debug)]
@@ -114,16 +118,15 @@ impl Mosquitto {
             .append(true)
             .open(self.dir.path().join("mosquitto.stderr"))
             .expect("open mosquitto.stderr");
-        let child = Command::new(MOSQUITTO_BIN)
+        let bin = mosquitto_bin();
+        let child = Command::new(&bin)
             .arg("-c")
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot spawn {MOSQUITTO_BIN}: {e} (apt-get install mosquitto)")
-            });
+            .unwrap_or_else(|e| panic!("cannot spawn {bin:?}: {e} (apt-get install mosquitto)"));
         self.child = Some(child);
         self.starts += 1;
         let port = self.port;

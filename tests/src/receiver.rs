@@ -9,7 +9,9 @@
 //!
 //! Records are de-duplicated by id, the wire format's de-duplication key; a resent record
 //! whose content differs from the first copy is reported as a conflict, since an agent that
-//! replays its journal after a crash must reproduce its output exactly.
+//! replays its journal after a crash must reproduce its output exactly. A gap record has the
+//! id of the first record it replaced with `:gap` appended (`sensors::record::gap_id`), so
+//! the same seq can legitimately arrive twice: once as the record, once as its gap.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
@@ -74,8 +76,9 @@ pub struct BatchInfo {
 pub struct Received {
     /// Acknowledged batches in arrival order.
     pub batches: Vec<BatchInfo>,
-    /// First copy of every record, by stream and sequence number.
-    pub unique: BTreeMap<(Stream, u64), Record>,
+    /// First copy of every record, by stream, sequence number and gap-ness (which is the
+    /// record id, parsed).
+    pub unique: BTreeMap<(Stream, u64, bool), Record>,
     /// Records received again after their first copy.
     pub duplicates: u64,
     /// Records in acknowledged batches, duplicates included.
@@ -144,7 +147,7 @@ impl Received {
     /// each stream must be dense from its start (seq 0 or 1) to the highest seq seen.
     pub fn holes(&self) -> Vec<String> {
         let mut seen: BTreeMap<Stream, BTreeSet<u64>> = BTreeMap::new();
-        for ((stream, seq), record) in &self.unique {
+        for ((stream, seq, _), record) in &self.unique {
             seen.entry(stream.clone()).or_default().insert(*seq);
             if let RecordBody::Gap(gap) = &record.body {
                 let covered = Stream { lane: gap.lane, ..stream.clone() };
@@ -200,11 +203,11 @@ impl Received {
         self.batches.push(info);
         for record in batch.records {
             self.raw_records += 1;
-            let Some(stream) = parse_stream(&record.id) else {
+            let Some((stream, is_gap)) = parse_id(&record.id) else {
                 self.protocol_errors.push(format!("unparsable record id {:?}", record.id));
                 continue;
             };
-            let key = (stream.clone(), record.seq);
+            let key = (stream.clone(), record.seq, is_gap);
             match self.unique.get(&key) {
                 Some(first) => {
                     self.duplicates += 1;
@@ -262,10 +265,19 @@ impl Received {
             }
         }
         for record in &batch.records {
-            match parse_stream(&record.id) {
-                Some(s) => {
-                    let expected =
-                        sensors::record::record_id(&batch.agent, s.epoch, batch.lane, record.seq);
+            match parse_id(&record.id) {
+                Some((s, _)) => {
+                    let expected = match record.body {
+                        RecordBody::Gap(_) => {
+                            sensors::record::gap_id(&batch.agent, s.epoch, batch.lane, record.seq)
+                        }
+                        _ => sensors::record::record_id(
+                            &batch.agent,
+                            s.epoch,
+                            batch.lane,
+                            record.seq,
+                        ),
+                    };
                     if record.id != expected {
                         problems.push(format!("record id {:?}, expected {expected:?}", record.id));
                     }
@@ -285,8 +297,18 @@ fn first_few(items: &[String]) -> &[String] {
     &items[..items.len().min(5)]
 }
 
-/// Parses `<agent>:<epoch hex>:<lane>:<seq>`.
+/// Parses a record id `<agent>:<epoch hex>:<lane>:<seq>` or a gap id (the same with `:gap`
+/// appended): its stream and whether it is a gap's.
+pub fn parse_id(id: &str) -> Option<(Stream, bool)> {
+    match id.strip_suffix(":gap") {
+        Some(record) => Some((parse_stream(record)?, true)),
+        None => Some((parse_stream(id)?, false)),
+    }
+}
+
+/// Parses the stream of a record id `<agent>:<epoch hex>:<lane>:<seq>` (or a gap id).
 pub fn parse_stream(id: &str) -> Option<Stream> {
+    let id = id.strip_suffix(":gap").unwrap_or(id);
     let mut parts = id.rsplitn(4, ':');
     let _seq: u64 = parts.next()?.parse().ok()?;
     let lane = match parts.next()? {
@@ -309,6 +331,7 @@ struct Shared {
 struct Control {
     mode: Mode,
     fail_next: u64,
+    delay: Duration,
 }
 
 impl Shared {
@@ -342,7 +365,7 @@ impl Receiver {
         let addr = listener.local_addr().expect("local_addr");
         let shared = Arc::new(Shared {
             received: Mutex::new(Received::default()),
-            control: Mutex::new(Control { mode: Mode::Up, fail_next: 0 }),
+            control: Mutex::new(Control { mode: Mode::Up, fail_next: 0, delay: Duration::ZERO }),
         });
         let mut receiver = Receiver { rt, addr, shared, server: None };
         receiver.serve(listener);
@@ -389,6 +412,12 @@ impl Receiver {
     /// Answers 503 to the next `n` requests, then behaves as the mode says.
     pub fn fail_next(&self, n: u64) {
         self.shared.control().fail_next = n;
+    }
+
+    /// Answers accepted batches only after `delay` (they count as received at once): a slow
+    /// upstream, which keeps requests in flight long enough to kill the sender meanwhile.
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared.control().delay = delay;
     }
 
     /// Stops listening: new connections are refused and open ones are closed once their
@@ -511,8 +540,14 @@ async fn ingest(
         wire_bytes: body.len(),
         json_bytes: decoded.len(),
     };
-    let mut received = shared.received();
-    received.accepted_requests += 1;
-    received.record_batch(batch, info);
+    {
+        let mut received = shared.received();
+        received.accepted_requests += 1;
+        received.record_batch(batch, info);
+    }
+    let delay = shared.control().delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     (StatusCode::OK, "ok\n".into())
 }

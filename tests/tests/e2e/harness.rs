@@ -4,7 +4,9 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use edgewise_tests::{Mosquitto, Publisher, QoS, Receiver};
-use sensors::record::{Alert, AlertState, Batch, Lane, Record, RecordBody, Severity, record_id};
+use sensors::record::{
+    Alert, AlertState, Batch, Gap, Lane, Record, RecordBody, Severity, gap_id, record_id,
+};
 
 #[test]
 fn mosquitto_restarts_on_its_port_and_keeps_a_persistent_sessions_queued_message() {
@@ -119,6 +121,11 @@ fn receiver_decodes_zstd_gzip_and_identity_and_deduplicates_by_id() {
         assert_eq!(r.rejected_requests, 2);
         assert_eq!(r.unique_count(), 2);
     });
+
+    receiver.set_delay(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    assert_eq!(post(receiver.port(), None, key, &json), 200);
+    assert!(started.elapsed() >= Duration::from_millis(300), "a slow upstream answers late");
 }
 
 #[test]
@@ -136,4 +143,66 @@ fn publisher_waits_for_every_puback_at_qos1_and_qos0_is_written() {
     let all =
         edgewise_tests::wait_until(Duration::from_secs(10), || subscriber.received().len() == 510);
     assert!(all, "subscriber got {} of 510", subscriber.received().len());
+}
+
+#[test]
+fn receiver_keeps_a_gap_apart_from_the_record_it_replaced() {
+    let receiver = Receiver::start();
+    let summary = |seq: u64| Record {
+        id: record_id("gw", 7, Lane::Summaries, seq),
+        seq,
+        body: RecordBody::Summary(sensors::record::Summary {
+            series: "s/a".into(),
+            start_ms: 1_000 * seq as i64,
+            window_ms: 1_000,
+            count: 1,
+            min: 1.0,
+            max: 1.0,
+            mean: 1.0,
+            stddev: 0.0,
+            first: 1.0,
+            last: 1.0,
+        }),
+    };
+    let gap = Record {
+        id: gap_id("gw", 7, Lane::Summaries, 2),
+        seq: 2,
+        body: RecordBody::Gap(Gap {
+            lane: Lane::Summaries,
+            first_seq: 2,
+            last_seq: 3,
+            records: 2,
+            from_ms: Some(2_000),
+            to_ms: Some(3_000),
+            reason: "outbox_full".into(),
+        }),
+    };
+    let send = |records: Vec<Record>| {
+        let (first_seq, last_seq) = (records[0].seq, records[records.len() - 1].seq);
+        let batch = Batch {
+            version: sensors::record::BATCH_FORMAT_VERSION,
+            agent: "gw".into(),
+            lane: Lane::Summaries,
+            first_seq,
+            last_seq,
+            records,
+        };
+        let key = format!("gw/summaries/{first_seq}-{last_seq}");
+        post(receiver.port(), None, &key, &serde_json::to_vec(&batch).unwrap())
+    };
+    // Record 2 arrived but its ack was lost; then 2 and 3 were evicted behind a gap.
+    assert_eq!(send(vec![summary(1), summary(2)]), 200);
+    assert_eq!(send(vec![gap, summary(4)]), 200);
+    receiver.with(|r| {
+        assert_eq!(r.unique_count(), 4);
+        assert_eq!((r.duplicates, r.gaps().len(), r.summaries().len()), (0, 1, 3));
+        assert!(r.protocol_errors.is_empty(), "{:?}", r.protocol_errors);
+        assert!(r.order_violations.is_empty(), "{:?}", r.order_violations);
+        assert!(r.holes().is_empty(), "{:?}", r.holes());
+    });
+    // A summary that claims a gap's id is a wire-format error.
+    let mut fake = summary(5);
+    fake.id = gap_id("gw", 7, Lane::Summaries, 5);
+    assert_eq!(send(vec![fake]), 200);
+    receiver.with(|r| assert_eq!(r.protocol_errors.len(), 1, "{:?}", r.protocol_errors));
 }

@@ -199,6 +199,8 @@ fn every_record_arrives_in_order_after_the_upstream_was_down_and_refusing_connec
     rig.config.allowed_lateness = "1s".into();
     rig.config.threshold_rule("hot", "s/a", 30.0, 25.0);
     let _agent = rig.start_agent();
+    // The first two requests fail, before the real outage.
+    rig.receiver.fail_next(2);
     let publisher = rig.publisher("outage-pub");
     let mut feed =
         Feed { publisher: &publisher, stamps: Stamps::new(500), readings: Vec::new(), i: 0 };
@@ -402,6 +404,19 @@ fn malformed_payloads_are_rejected_with_their_cause_and_do_not_disturb_valid_eve
     }
     let status = agent.terminate();
     assert!(status.success(), "SIGTERM should stop the agent cleanly, got {status}");
+
+    // The rejected QoS 1 messages were acknowledged: after a restart the broker has nothing
+    // to redeliver, so the new run rejects nothing (its first status line says so).
+    agent.restart();
+    let second_run = || agent.logs().rsplit("=== start 2 ===").next().unwrap_or("").to_string();
+    wait_for(Duration::from_secs(20), "a status line of the second run", || {
+        second_run().contains("status")
+    });
+    let log = second_run();
+    let redelivered: Vec<&str> = log.lines().filter(|l| l.contains("rejected an")).collect();
+    assert!(redelivered.is_empty(), "malformed messages came back: {redelivered:#?}");
+    assert!(log.contains("rejected=0"), "the status line should count no rejection:\n{log}");
+    agent.assert_running("after the restart");
     rig.keep_if_asked();
 }
 
