@@ -368,6 +368,11 @@ fn source_names(config: &Config) -> Vec<String> {
 /// The processor task, sole owner of the [`Processor`]. See the module docs for its
 /// lifecycle; it returns when `rx` closes (after a final snapshot and flush) or on a storage
 /// error it cannot work around.
+///
+/// The start-up replay stops at `replay_through`, the journal's last sequence when it was
+/// opened (everything the store recovered). Later entries come through `rx` only after the
+/// writer's flush: replaying them straight from the journal could apply an entry that a power
+/// cut then takes away, and the broker's redelivery would produce different output.
 pub async fn run(
     config: Arc<Config>,
     store: Store,
@@ -375,6 +380,7 @@ pub async fn run(
     outbox: Outbox,
     mut rx: mpsc::Receiver<Vec<(u64, Entry)>>,
     metrics: Arc<Metrics>,
+    replay_through: u64,
 ) -> Result<(), ProcessorError> {
     let (mut processor, lost) = load(&config, &store)?;
     if lost {
@@ -392,7 +398,8 @@ pub async fn run(
     let replay = {
         let (reader, outbox, metrics) = (reader.clone(), outbox.clone(), Arc::clone(&metrics));
         tokio::task::spawn_blocking(move || {
-            let replayed = catch_up(&mut processor, &reader, &outbox, &metrics, u64::MAX)?;
+            let until = replay_through.saturating_add(1);
+            let replayed = catch_up(&mut processor, &reader, &outbox, &metrics, until)?;
             Ok::<_, ProcessorError>((processor, replayed))
         })
     };
@@ -934,7 +941,9 @@ mod tests {
             drop(tx);
             let metrics = Arc::new(Metrics::default());
             let (store, reader) = (storage.store.clone(), storage.journal.reader());
-            run(config.clone(), store, reader, storage.outbox.clone(), rx, metrics).await.unwrap();
+            run(config.clone(), store, reader, storage.outbox.clone(), rx, metrics, u64::MAX)
+                .await
+                .unwrap();
         }
 
         #[tokio::test]
@@ -1032,6 +1041,7 @@ mod tests {
                 storage.outbox.clone(),
                 rx,
                 metrics,
+                u64::MAX,
             ));
             tx.send(batch).await.unwrap();
             let mut snapshotted = false;

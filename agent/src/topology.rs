@@ -91,6 +91,7 @@ pub async fn run_with_metrics(
     }
     let journal = journal::Journal::open(&store)?;
     let reader = journal.reader();
+    let recovered_through = journal.last_seq();
     let outbox = Outbox::open(&store, &config.agent.id, &config.buffer, metrics.clone())?;
     info!(
         agent = %config.agent.id,
@@ -129,6 +130,7 @@ pub async fn run_with_metrics(
             outbox.clone(),
             processor_rx,
             metrics.clone(),
+            recovered_through,
         )),
     );
     let forwarder = watch_stage(
