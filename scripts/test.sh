@@ -15,4 +15,11 @@ fi
 # proptest: enough cases to find ordering bugs, few enough for 2 cores.
 export PROPTEST_CASES="${PROPTEST_CASES:-64}"
 cargo build --workspace --bins
-cargo test --workspace "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+# Doc tests first, then every test target, so that the closing lines are the real tests'.
+cargo test --workspace --doc "$@" 2>&1 | tee "$log"
+cargo test --workspace --all-targets "$@" 2>&1 | tee -a "$log"
+echo
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "all: %d passed, %d failed\n", p, f }' "$log"
