@@ -8,8 +8,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sensors::record::Severity;
 use serde::Deserialize;
+
+pub use crate::rules::{
+    AnomalyRuleConfig, CombineRuleConfig, FlatlineRuleConfig, MissingRuleConfig, RateRuleConfig,
+    RuleConfig, ThresholdRuleConfig, WindowRuleConfig,
+};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -338,51 +342,6 @@ fn default_true() -> bool {
 }
 fn default_seed() -> u64 {
     1
-}
-
-/// One `[[rules]]` entry, selected by `kind`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RuleConfig {
-    /// Raise when a value stays above (or below) a level, clear past a separate level.
-    Threshold(ThresholdRuleConfig),
-}
-
-impl RuleConfig {
-    /// The rule's configured name.
-    pub fn name(&self) -> &str {
-        match self {
-            RuleConfig::Threshold(c) => &c.name,
-        }
-    }
-}
-
-/// `kind = "threshold"`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ThresholdRuleConfig {
-    /// Unique rule name; part of alert records.
-    pub name: String,
-    /// Series pattern: segments split by `/`; `+` matches one segment, `#` the rest, `*`
-    /// any characters within a segment. Example: `pump-*/temperature`.
-    pub series: String,
-    /// Raise when the value is above this level.
-    pub above: Option<f64>,
-    /// Raise when the value is below this level.
-    pub below: Option<f64>,
-    /// Clear level (hysteresis): with `above`, clear when the value falls below `clear`
-    /// (must be <= above); with `below`, clear when it rises above `clear`. Default: the raise
-    /// level.
-    pub clear: Option<f64>,
-    /// How long the condition must hold before the alert is raised. Default 0 s.
-    #[serde(default, rename = "for", with = "humantime_serde")]
-    pub for_duration: Duration,
-    /// `info`, `warning` or `critical`. Default `warning`.
-    #[serde(default)]
-    pub severity: Severity,
-    /// Message template; `{rule}`, `{series}`, `{value}`, `{threshold}`, `{state}` are
-    /// replaced. Default `{rule}: {series} = {value} ({state}, threshold {threshold})`.
-    pub message: Option<String>,
 }
 
 /// `[summary]`
@@ -785,6 +744,12 @@ fn check_sections(
     };
     let rule = |kind: &str, v: toml::Spanned<toml::de::DeValue<'_>>| match kind {
         "threshold" => check::<ThresholdRuleConfig>(v),
+        "rate_of_change" => check::<RateRuleConfig>(v),
+        "flatline" => check::<FlatlineRuleConfig>(v),
+        "missing_data" => check::<MissingRuleConfig>(v),
+        "window" => check::<WindowRuleConfig>(v),
+        "anomaly" => check::<AnomalyRuleConfig>(v),
+        "all_of" | "any_of" => check::<CombineRuleConfig>(v),
         _ => None,
     };
     let upstream = |kind: &str, v: toml::Spanned<toml::de::DeValue<'_>>| match kind {
@@ -825,7 +790,7 @@ fn check_sections(
             "storage" => one::<StorageConfig>(value, file, text, name, problems),
             "journal" => one::<JournalConfig>(value, file, text, name, problems),
             "sources" => tagged_list(value, name, problems, &source, "\"mqtt\", \"simulated\""),
-            "rules" => tagged_list(value, name, problems, &rule, "\"threshold\""),
+            "rules" => tagged_list(value, name, problems, &rule, crate::rules::KINDS),
             "summary" => one::<SummaryConfig>(value, file, text, name, problems),
             "buffer" => one::<BufferConfig>(value, file, text, name, problems),
             "upstream" => {
@@ -1171,6 +1136,9 @@ impl Config {
             for (key, message) in crate::rules::validate(rule) {
                 issue(format!("rules[{i}].{key}"), message, None);
             }
+        }
+        for (i, key, message) in crate::rules::validate_references(&self.rules) {
+            issue(format!("rules[{i}].{key}"), message, None);
         }
 
         if self.summary.window < Duration::from_millis(100) {

@@ -17,6 +17,9 @@
 //! - [`processor`]: applies journal entries to [`rules`] and [`summary`] windows.
 //! - [`outbox`]: records waiting for upstream, in lanes, with a byte cap.
 //! - [`forward`]: sends outbox batches upstream.
+//! - [`recording`]: recordings (JSON lines, CSV) for replay, and the journal export.
+//! - [`replay`]: runs the processor over a recording in event time (`edgewise replay`).
+//! - [`reload`]: hot reload of rules on SIGHUP or when the file changes.
 //! - [`topology`]: spawns the tasks and runs the one shutdown path.
 //! - [`metrics`]: counters shared by all stages.
 
@@ -27,6 +30,9 @@ pub mod journal;
 pub mod metrics;
 pub mod outbox;
 pub mod processor;
+pub mod recording;
+pub mod reload;
+pub mod replay;
 pub mod rules;
 pub mod source;
 pub mod store;

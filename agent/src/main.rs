@@ -1,4 +1,7 @@
-//! The `edgewise` command line: `run`, `check`, `--version`.
+//! The `edgewise` command line: `run`, `check`, `replay`, `journal export`, `--version`.
+//!
+//! Exit status: 0 on success, 2 for a usage, configuration or input-file error (fix the
+//! command or the file), 1 for a failure while working.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use edgewise::config::{self, Config, ConfigErrors};
+use edgewise::replay;
 
 /// The configuration `edgewise run` uses without `--config`: simulated pumps, threshold rules,
 /// 10 s summaries, and a JSON-lines file as the upstream. Needs nothing else installed.
@@ -37,6 +41,73 @@ enum Command {
         #[arg(long, short, env = "EDGEWISE_CONFIG")]
         config: PathBuf,
     },
+    /// Run the configured rules and summaries over a recording, in event time, as fast as
+    /// possible; prints alerts and summaries.
+    ///
+    /// Recordings are JSON lines ({"ts": ms | s | RFC 3339, "series": "...", "value": 1.5})
+    /// or CSV (timestamp,series,value or timestamp,value with --series; header optional).
+    Replay {
+        /// Configuration file (its rules, summaries and journal.tick_interval are used).
+        #[arg(long, short, env = "EDGEWISE_CONFIG")]
+        config: PathBuf,
+        /// The recording (.jsonl or .csv; other names are sniffed).
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Series name for readings that have none (a timestamp,value CSV).
+        #[arg(long)]
+        series: Option<String>,
+        /// Output: an aligned table, or JSON lines (one record per line, counts on stderr).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Write timestamp,value,anomaly_score per scored event to this CSV.
+        #[arg(long, value_name = "OUT.csv")]
+        scores: Option<PathBuf>,
+        /// Replay with this configuration too and show which alerts appear, disappear or move.
+        #[arg(long, value_name = "OTHER.toml")]
+        against: Option<PathBuf>,
+        /// Do not draw the progress line (it is drawn only when stderr is a terminal).
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Work with the agent's journal (the agent must be stopped).
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JournalCommand {
+    /// Write the journal's events as a JSON-lines recording, for `edgewise replay`.
+    Export {
+        /// Configuration file (for agent.data_dir).
+        #[arg(long, short, env = "EDGEWISE_CONFIG")]
+        config: PathBuf,
+        /// The recording to write (`-` for stdout).
+        #[arg(long, short, value_name = "RECORDING.jsonl")]
+        out: PathBuf,
+        /// Earliest event time: RFC 3339 (2024-06-10T06:00:00Z) or a duration ago (2h).
+        #[arg(long, value_name = "TIME")]
+        from: Option<String>,
+        /// Latest event time (exclusive), as --from.
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
+        /// Only series matching this pattern (`pump-*/temperature`, `site/+/#`).
+        #[arg(long, value_name = "PATTERN")]
+        series: Option<String>,
+        /// Read this data directory instead of agent.data_dir (e.g. a copy).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// `--format` of `replay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// An aligned table.
+    Table,
+    /// JSON lines.
+    Jsonl,
 }
 
 fn main() -> ExitCode {
@@ -64,12 +135,168 @@ fn main() -> ExitCode {
                 Some(path) => config::load(path),
                 None => config::load_str("<embedded demo config>", DEMO_CONFIG),
             };
-            let config = match loaded {
+            let loaded = match loaded {
                 Ok(c) => c,
                 Err(errors) => return config_error(&errors),
             };
-            run(config, exit_after)
+            run(loaded, config, exit_after)
         }
+        Command::Replay { config, input, series, format, scores, against, no_progress } => {
+            init_quiet_logging();
+            let args = ReplayArgs { config, input, series, format, scores, against, no_progress };
+            replay(&args)
+        }
+        Command::Journal {
+            command: JournalCommand::Export { config, out, from, to, series, data_dir },
+        } => {
+            init_quiet_logging();
+            export(&ExportArgs { config, out, from, to, series, data_dir })
+        }
+    }
+}
+
+/// The arguments of `replay`.
+#[derive(Debug)]
+struct ReplayArgs {
+    config: PathBuf,
+    input: PathBuf,
+    series: Option<String>,
+    format: Format,
+    scores: Option<PathBuf>,
+    against: Option<PathBuf>,
+    no_progress: bool,
+}
+
+fn replay(args: &ReplayArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    use std::io::Write;
+
+    let base = match load_without_sources(&args.config) {
+        Ok(c) => c,
+        Err(errors) => return config_error(&errors),
+    };
+    let other = match args.against.as_deref().map(load_without_sources).transpose() {
+        Ok(c) => c,
+        Err(errors) => return config_error(&errors),
+    };
+    let base_name = args.config.display().to_string();
+    let other_name = args.against.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let options = replay::ReplayOptions {
+        input: args.input.clone(),
+        series: args.series.clone(),
+        format: match args.format {
+            Format::Table => replay::OutputFormat::Table,
+            Format::Jsonl => replay::OutputFormat::JsonLines,
+        },
+        scores: args.scores.clone(),
+        progress: !args.no_progress && std::io::stderr().is_terminal(),
+        records_on_terminal: std::io::stdout().is_terminal(),
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut err = std::io::stderr();
+    let result = replay::run(
+        replay::Named { name: &base_name, config: &base },
+        other.as_ref().map(|config| replay::Named { name: &other_name, config }),
+        &options,
+        &mut out,
+        &mut err,
+    );
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = out.flush();
+            eprintln!("edgewise replay: {e}");
+            ExitCode::from(if e.is_usage() { 2 } else { 1 })
+        }
+    }
+}
+
+/// Loads a configuration for `replay` and `journal export`, which need no source: a file
+/// written only to try rules on a recording, or to name a data directory, is valid without
+/// one. Every other problem is still reported.
+fn load_without_sources(path: &std::path::Path) -> Result<Config, ConfigErrors> {
+    /// How validation words the one problem replay forgives (matched on the text because
+    /// `config` has no replay mode yet).
+    const NO_SOURCE: &str = "sources: no source is configured";
+    let errors = match config::load(path) {
+        Ok(config) => return Ok(config),
+        Err(errors) => errors,
+    };
+    if !errors.problems.iter().all(|p| p.message.starts_with(NO_SOURCE)) {
+        return Err(errors);
+    }
+    // The file was read and parsed once already; only the missing sources failed.
+    std::fs::read_to_string(path).ok().and_then(|text| Config::from_toml(&text).ok()).ok_or(errors)
+}
+
+/// The arguments of `journal export`.
+#[derive(Debug)]
+struct ExportArgs {
+    config: PathBuf,
+    out: PathBuf,
+    from: Option<String>,
+    to: Option<String>,
+    series: Option<String>,
+    data_dir: Option<PathBuf>,
+}
+
+fn export(args: &ExportArgs) -> ExitCode {
+    use edgewise::recording::{self, ExportFilter};
+
+    let config = match load_without_sources(&args.config) {
+        Ok(c) => c,
+        Err(errors) => return config_error(&errors),
+    };
+    let fail = |e: recording::RecordingError| {
+        eprintln!("edgewise journal export: {e}");
+        ExitCode::from(if e.is_usage() { 2 } else { 1 })
+    };
+    let now = edgewise::event::now_ms();
+    let bound = |text: &Option<String>| text.as_deref().map(|t| recording::parse_time(t, now));
+    let filter = match (bound(&args.from).transpose(), bound(&args.to).transpose()) {
+        (Ok(from_ms), Ok(to_ms)) => ExportFilter { from_ms, to_ms, series: None },
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    let filter = match args.series.as_deref().map(|p| filter.clone().with_series(p)) {
+        None => filter,
+        Some(Ok(filter)) => filter,
+        Some(Err(e)) => return fail(e),
+    };
+    let data_dir = args.data_dir.as_ref().unwrap_or(&config.agent.data_dir);
+    let report = if args.out.as_os_str() == "-" {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        recording::export_journal(data_dir, &filter, &mut out, &args.out)
+    } else {
+        let write_error =
+            |source| recording::RecordingError::Write { path: args.out.clone(), source };
+        let mut file = match replay::AtomicFile::create(&args.out) {
+            Ok(file) => file,
+            Err(source) => return fail(write_error(source)),
+        };
+        // Dropped uncommitted on error: the partial file goes away.
+        recording::export_journal(data_dir, &filter, file.writer(), &args.out)
+            .and_then(|report| file.commit().map(|()| report).map_err(write_error))
+    };
+    match report {
+        Ok(report) => {
+            let span = report.span_ms.map_or(String::new(), |(from, to)| {
+                format!(", {} to {}", recording::format_ms(from), recording::format_ms(to))
+            });
+            eprintln!(
+                "exported {} of {} journal events{span} to {}",
+                report.exported,
+                report.journal_events,
+                args.out.display()
+            );
+            if report.corrupt > 0 {
+                eprintln!("skipped {} journal entries that do not decode", report.corrupt);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 
@@ -96,12 +323,21 @@ fn init_logging() {
         .init();
 }
 
+/// Logging for the one-shot commands: warnings and errors only, so that stderr carries the
+/// command's own messages.
+fn init_quiet_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEWISE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
 /// Worker threads of the runtime: a Pi has 1–4 cores and the agent shares them with the broker.
 const WORKER_THREADS: usize = 2;
 /// Blocking threads (fsyncs, file writes); one flusher needs one, the rest is headroom.
 const MAX_BLOCKING_THREADS: usize = 8;
 
-fn run(config: Config, exit_after: Option<Duration>) -> ExitCode {
+/// Runs the agent; with a config file, rules reload on SIGHUP and when the file changes.
+fn run(config: Config, path: Option<PathBuf>, exit_after: Option<Duration>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKER_THREADS)
         .max_blocking_threads(MAX_BLOCKING_THREADS)
@@ -115,7 +351,8 @@ fn run(config: Config, exit_after: Option<Duration>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(edgewise::run(config, async move {
+    let metrics = std::sync::Arc::new(edgewise::metrics::Metrics::default());
+    let shutdown = async move {
         let exit_after = async {
             match exit_after {
                 Some(d) => tokio::time::sleep(d).await,
@@ -126,7 +363,9 @@ fn run(config: Config, exit_after: Option<Duration>) -> ExitCode {
             () = signal() => {}
             () = exit_after => tracing::info!("--exit-after elapsed"),
         }
-    }));
+    };
+    let result =
+        runtime.block_on(edgewise::topology::run_with_metrics(config, path, metrics, shutdown));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

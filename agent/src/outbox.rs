@@ -764,6 +764,7 @@ mod tests {
             value: 99.0,
             threshold: 90.0,
             message: "x".repeat(message_len),
+            labels: Default::default(),
         })
     }
 

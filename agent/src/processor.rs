@@ -27,7 +27,7 @@
 //!     position: u64,            last applied journal seq
 //!     last_alert_seq: u64,      last seq used in the alerts lane (0 = none)
 //!     last_summary_seq: u64,    last seq used in the summaries lane (0 = none)
-//!     rules: RulesState,        rule → series → pending/active
+//!     rules: RulesState,        rule → series → episode + kind state (timers included)
 //!     windows: WindowsState,    clock + series → open windows
 //! })
 //! ```
@@ -51,7 +51,7 @@ use std::time::Duration;
 
 use sensors::record::{AlertState, Lane, RecordBody};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
@@ -60,13 +60,13 @@ use crate::event::{self, Entry};
 use crate::journal::{JournalError, JournalReader};
 use crate::metrics::{self, Metrics};
 use crate::outbox::{Outbox, OutboxError};
-use crate::rules::{RuleError, Rules, RulesState};
+use crate::rules::{RuleError, Rules, RulesState, ScoreSample};
 use crate::store::{Store, StoreError};
 use crate::summary::{Admission, SummaryError, Windows, WindowsState};
 
 /// Version byte leading a snapshot. Bump it when [`State`] changes shape: postcard is
 /// positional, so an old reader cannot skip new fields.
-pub const SNAPSHOT_VERSION: u8 = 1;
+pub const SNAPSHOT_VERSION: u8 = 2;
 
 /// Shortest time between two snapshots, whatever `journal.snapshot_interval` says: each
 /// snapshot costs a database-wide fsync, and SD-card wear grows with fsyncs.
@@ -299,26 +299,37 @@ impl Processor {
         self.position = seq;
         let mut summaries = Vec::new();
         let mut alerts = Vec::new();
-        match entry {
-            Entry::Tick { now_ms } => self.windows.advance(*now_ms, &mut summaries),
+        let admission = match entry {
+            Entry::Tick { now_ms } => {
+                self.windows.advance(*now_ms, &mut summaries);
+                None
+            }
             Entry::Event(event) => {
                 Metrics::add(&metrics.events_processed, 1);
-                match self.windows.on_event(event, &mut summaries) {
-                    Admission::Accepted => self.rules.on_event(event, &mut alerts),
-                    // A late event missed its window but is still a valid reading: the rules,
-                    // which have no windows, see it.
-                    Admission::Late => {
-                        Metrics::add(&metrics.late_events, 1);
-                        self.rules.on_event(event, &mut alerts);
-                    }
-                    Admission::Future => Metrics::add(&metrics.future_events, 1),
-                    Admission::NotFinite => {
-                        let source = self
-                            .source_names
-                            .get(usize::from(event.source))
-                            .map_or("unknown", String::as_str);
-                        metrics.reject(source, "non_finite_value");
-                    }
+                Some((event, self.windows.on_event(event, &mut summaries)))
+            }
+        };
+        // The rules' timers run on the same clock as the windows (ticks and receive times):
+        // what fell due before this entry fires before the entry's event is applied.
+        if let Some(clock) = self.windows.state().clock() {
+            self.rules.on_tick(clock, &mut alerts);
+        }
+        if let Some((event, admission)) = admission {
+            match admission {
+                Admission::Accepted => self.rules.on_event(event, &mut alerts),
+                // A late event missed its window but is still a valid reading: the rules,
+                // which have no windows, see it.
+                Admission::Late => {
+                    Metrics::add(&metrics.late_events, 1);
+                    self.rules.on_event(event, &mut alerts);
+                }
+                Admission::Future => Metrics::add(&metrics.future_events, 1),
+                Admission::NotFinite => {
+                    let source = self
+                        .source_names
+                        .get(usize::from(event.source))
+                        .map_or("unknown", String::as_str);
+                    metrics.reject(source, "non_finite_value");
                 }
             }
         }
@@ -345,6 +356,51 @@ impl Processor {
         }
     }
 
+    /// Starts (or stops) recording the anomaly rules' scores, one [`ScoreSample`] per scored
+    /// event, for `edgewise replay --scores`. Off by default; costs nothing while off.
+    pub fn record_scores(&mut self, on: bool) {
+        self.rules.record_scores(on);
+    }
+
+    /// The scores recorded since the last call, in processing order.
+    pub fn take_scores(&mut self) -> Vec<ScoreSample> {
+        self.rules.take_scores()
+    }
+
+    /// Adopts a new configuration's rules and summary settings (hot reload), keeping the
+    /// state of rules that still exist with the same kind and of open windows. The position
+    /// and lane counters are unchanged. On error the processor is left as it was.
+    pub fn reconfigure(&mut self, config: &Config) -> Result<(), ProcessorError> {
+        let mut rules = Rules::restore(&config.rules, self.rules.state().clone())?;
+        let windows = Windows::restore(&config.summary, self.windows.state().clone())?;
+        rules.record_scores(self.rules.is_recording());
+        (self.rules, self.windows) = (rules, windows);
+        self.source_names = source_names(config);
+        Ok(())
+    }
+
+    /// Hot reload with warm-up: adopts `config` like [`Processor::reconfigure`], and for every
+    /// rule in `warm` (new or changed) takes the baselines that `warmed` (the new rule set run
+    /// over the journal's retained history, see [`warm_up`]) built, keeping the alert episodes
+    /// that are up. Unchanged rules keep their state as it is.
+    pub fn reconfigure_warm(
+        &mut self,
+        config: &Config,
+        warm: &[String],
+        warmed: &RulesState,
+    ) -> Result<(), ProcessorError> {
+        let mut state = self.rules.state().clone();
+        for rule in warm {
+            state.adopt_warmed(rule, warmed);
+        }
+        let mut rules = Rules::restore(&config.rules, state)?;
+        let windows = Windows::restore(&config.summary, self.windows.state().clone())?;
+        rules.record_scores(self.rules.is_recording());
+        (self.rules, self.windows) = (rules, windows);
+        self.source_names = source_names(config);
+        Ok(())
+    }
+
     /// Read-only view for status.
     pub fn stats(&self) -> ProcessorStats {
         let windows = self.windows.state();
@@ -365,6 +421,57 @@ fn source_names(config: &Config) -> Vec<String> {
     config.sources.iter().map(|s| s.name().to_string()).collect()
 }
 
+/// The names of the rules in `new` that are not in `old` or are configured differently.
+pub fn changed_rules(old: &Config, new: &Config) -> Vec<String> {
+    new.rules
+        .iter()
+        .filter(|rule| {
+            !old.rules
+                .iter()
+                .any(|o| o.name() == rule.name() && format!("{o:?}") == format!("{rule:?}"))
+        })
+        .map(|rule| rule.name().to_string())
+        .collect()
+}
+
+/// Runs the whole new rule set, from fresh state, over the journal's retained history up to
+/// `through` and returns its state; the alerts it would have raised are discarded (they are
+/// history, not news). The processor then adopts the state of the changed rules only.
+pub fn warm_up(
+    config: &Config,
+    reader: &JournalReader,
+    through: u64,
+) -> Result<(RulesState, u64), ProcessorError> {
+    let mut rules = Rules::new(&config.rules)?;
+    let mut discard = Vec::new();
+    let mut clock = i64::MIN;
+    let mut applied = 0;
+    for item in reader.read_after(0) {
+        let (seq, entry) = match item {
+            Ok(item) => item,
+            // A damaged entry only makes the warm-up a little shorter.
+            Err(_) => continue,
+        };
+        if seq > through {
+            break;
+        }
+        match &entry {
+            Entry::Event(event) => {
+                clock = clock.max(event.received_ms);
+                rules.on_tick(clock, &mut discard);
+                rules.on_event(event, &mut discard);
+            }
+            Entry::Tick { now_ms } => {
+                clock = clock.max(*now_ms);
+                rules.on_tick(clock, &mut discard);
+            }
+        }
+        discard.clear();
+        applied += 1;
+    }
+    Ok((rules.state().clone(), applied))
+}
+
 /// The processor task, sole owner of the [`Processor`]. See the module docs for its
 /// lifecycle; it returns when `rx` closes (after a final snapshot and flush) or on a storage
 /// error it cannot work around.
@@ -381,7 +488,9 @@ pub async fn run(
     mut rx: mpsc::Receiver<Vec<(u64, Entry)>>,
     metrics: Arc<Metrics>,
     replay_through: u64,
+    mut reload: watch::Receiver<Arc<Config>>,
 ) -> Result<(), ProcessorError> {
+    let mut config = config;
     let (mut processor, lost) = load(&config, &store)?;
     if lost {
         // The journal behind the lost snapshot may have been trimmed, so replay cannot
@@ -418,8 +527,44 @@ pub async fn run(
     let mut snapshotted = restored_at;
     let mut drops = DropReport::default();
     let mut out = Vec::new();
+    let mut reloads_open = true;
     loop {
         tokio::select! {
+            changed = reload.changed(), if reloads_open => {
+                if changed.is_err() {
+                    reloads_open = false;
+                    continue;
+                }
+                let new = reload.borrow_and_update().clone();
+                let warm = changed_rules(&config, &new);
+                let through = processor.position();
+                let warmed = {
+                    let (new, reader) = (Arc::clone(&new), reader.clone());
+                    tokio::task::spawn_blocking(move || warm_up(&new, &reader, through))
+                        .await
+                        .map_err(|source| ProcessorError::Task { task: "warm-up", source })?
+                };
+                match warmed.and_then(|(state, entries)| {
+                    processor.reconfigure_warm(&new, &warm, &state).map(|()| entries)
+                }) {
+                    Ok(entries) => {
+                        info!(
+                            rules = new.rules.len(),
+                            warmed = ?warm,
+                            history_entries = entries,
+                            "new rules are live; new and changed rules were warmed up on the \
+                             journal's history"
+                        );
+                        config = new;
+                        // Snapshot at once: a replay after a crash then starts from the new
+                        // rules instead of applying them to entries the old rules processed.
+                        if save(&processor, &store).await.is_ok() {
+                            snapshotted = processor.position();
+                        }
+                    }
+                    Err(error) => error!(%error, "cannot apply the reloaded rules; the old rules stay"),
+                }
+            }
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
                 for (seq, entry) in batch {
@@ -846,7 +991,9 @@ mod tests {
     fn an_invalid_configuration_is_not_a_snapshot_error() {
         let snapshot = Processor::new(&config()).unwrap().snapshot();
         let mut bad = config();
-        let crate::config::RuleConfig::Threshold(rule) = &mut bad.rules[0];
+        let crate::config::RuleConfig::Threshold(rule) = &mut bad.rules[0] else {
+            panic!("the first rule of CONFIG is a threshold rule");
+        };
         rule.clear = Some(99.0);
         let err = Processor::restore(&bad, &snapshot).unwrap_err();
         assert!(matches!(err, ProcessorError::Rules(_)) && !err.is_snapshot_error(), "{err}");
@@ -870,7 +1017,7 @@ mod tests {
         use std::time::Duration;
 
         use sensors::record::{Lane, RecordBody};
-        use tokio::sync::mpsc;
+        use tokio::sync::{mpsc, watch};
 
         use super::{CONFIG, ev};
         use crate::config::Config;
@@ -904,6 +1051,56 @@ mod tests {
                     ev(&series, 1_000 + i * 400, (i % 7 * 15) as f64, 1_000 + i * 400)
                 })
                 .collect()
+        }
+
+        /// A rate-of-change rule added by a hot reload, run over `history` then one jump.
+        fn rate_alerts_after_reload(warm: bool) -> usize {
+            let dir = tempfile::tempdir().unwrap();
+            let old = Config::from_toml(CONFIG).unwrap();
+            let new = Config::from_toml(&format!(
+                "{CONFIG}\n[[rules]]\nkind = \"rate_of_change\"\nname = \"heating-fast\"\n\
+                 series = \"+/temperature\"\nmax_rate = 5.0\nper = \"1s\"\nspan = \"2s\"\n"
+            ))
+            .unwrap();
+            let mut storage = open(dir.path(), &old);
+            let metrics = Metrics::default();
+            let mut processor = Processor::new(&old).unwrap();
+            let mut out = Vec::new();
+            // 20 s of a steady 20 °C: the history the journal retains.
+            for i in 0..20 {
+                let entry = ev("pump-1/temperature", 1_000 + i * 1_000, 20.0, 1_000 + i * 1_000);
+                let seq = storage.journal.append(&entry).unwrap();
+                processor.apply(seq, &entry, &metrics, &mut out);
+            }
+            let changed = super::super::changed_rules(&old, &new);
+            assert_eq!(changed, vec!["heating-fast".to_string()], "only the new rule warms up");
+            if warm {
+                let reader = storage.journal.reader();
+                let (state, entries) =
+                    super::super::warm_up(&new, &reader, processor.position()).unwrap();
+                assert_eq!(entries, 20);
+                processor.reconfigure_warm(&new, &changed, &state).unwrap();
+            } else {
+                processor.reconfigure(&new).unwrap();
+            }
+            out.clear();
+            // +12 °C in 2 s: 6 °C/s against the history, above the 5 °C/s limit.
+            let jump = ev("pump-1/temperature", 22_000, 32.0, 22_000);
+            let seq = storage.journal.append(&jump).unwrap();
+            processor.apply(seq, &jump, &metrics, &mut out);
+            out.iter()
+                .filter(|o| matches!(&o.body, RecordBody::Alert(a) if a.rule == "heating-fast"))
+                .count()
+        }
+
+        #[test]
+        fn a_rule_added_by_reload_is_warmed_up_on_the_journal_history() {
+            assert_eq!(rate_alerts_after_reload(true), 1, "the warmed rule sees the jump at once");
+            assert_eq!(
+                rate_alerts_after_reload(false),
+                0,
+                "without warm-up the new rule has no baseline (so the test above means something)"
+            );
         }
 
         /// Every record of the outbox as `(lane, seq, body)`.
@@ -941,9 +1138,19 @@ mod tests {
             drop(tx);
             let metrics = Arc::new(Metrics::default());
             let (store, reader) = (storage.store.clone(), storage.journal.reader());
-            run(config.clone(), store, reader, storage.outbox.clone(), rx, metrics, u64::MAX)
-                .await
-                .unwrap();
+            let (_reload_tx, reload_rx) = watch::channel(config.clone());
+            run(
+                config.clone(),
+                store,
+                reader,
+                storage.outbox.clone(),
+                rx,
+                metrics,
+                u64::MAX,
+                reload_rx,
+            )
+            .await
+            .unwrap();
         }
 
         #[tokio::test]
@@ -1042,6 +1249,7 @@ mod tests {
                 rx,
                 metrics,
                 u64::MAX,
+                watch::channel(config.clone()).1,
             ));
             tx.send(batch).await.unwrap();
             let mut snapshotted = false;
@@ -1086,6 +1294,108 @@ mod tests {
         })
     }
 
+    /// A random rule pack of every kind, appended to [`CONFIG`]: levels, durations and
+    /// `min_interval`s vary so that raises, suppressions, timers and combinations all occur
+    /// on the journals of [`journal`].
+    fn rule_pack() -> impl Strategy<Value = Config> {
+        (
+            (0u64..3, 200u64..4_000, 0u64..2_000, 300u64..3_000),
+            (1u32..40, 0.5f64..20.0, 0u64..2),
+            prop_oneof![Just("mean"), Just("min"), Just("max"), Just("count"), Just("stddev")],
+        )
+            .prop_map(
+                |((interval, timeout, within, window), (rate, epsilon, direction), aggregate)| {
+                    let min_interval = ["0s", "700ms", "3s"][interval as usize];
+                    let direction = ["rise", "either"][direction as usize];
+                    let pack = format!(
+                        r##"
+                    [[rules]]
+                    kind = "rate_of_change"
+                    name = "jump"
+                    series = "+/temperature"
+                    max_rate = {rate}
+                    per = "1s"
+                    span = "2s"
+                    direction = "{direction}"
+                    min_interval = "{min_interval}"
+
+                    [[rules]]
+                    kind = "flatline"
+                    name = "stuck"
+                    series = "#"
+                    epsilon = {epsilon}
+                    for = "1s"
+
+                    [[rules]]
+                    kind = "missing_data"
+                    name = "silent"
+                    series = "#"
+                    timeout = "{timeout}ms"
+                    min_interval = "{min_interval}"
+
+                    [[rules]]
+                    kind = "window"
+                    name = "busy"
+                    series = "+/temperature"
+                    window = "{window}ms"
+                    aggregate = "{aggregate}"
+                    above = 30.0
+                    clear = 20.0
+
+                    [[rules]]
+                    kind = "anomaly"
+                    name = "odd"
+                    series = "pump-*/temperature"
+                    level = 0.2
+                    clear = 0.1
+                    detector = {{ warmup = 5 }}
+
+                    [[rules]]
+                    kind = "all_of"
+                    name = "hot-and-jumping"
+                    rules = ["hot", "jump", "busy"]
+                    within = "{within}ms"
+                    min_interval = "{min_interval}"
+
+                    [[rules]]
+                    kind = "any_of"
+                    name = "sensor-trouble"
+                    rules = ["silent", "stuck"]
+                    within = "{within}ms"
+                    "##
+                    );
+                    let config = format!("{CONFIG}\n{pack}");
+                    Config::from_toml(&config).unwrap_or_else(|e| panic!("{e}\n{config}"))
+                },
+            )
+    }
+
+    #[test]
+    fn the_generated_rule_packs_raise_and_clear_every_kind() {
+        use proptest::strategy::ValueTree;
+        use proptest::test_runner::TestRunner;
+
+        let mut runner = TestRunner::deterministic();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..64 {
+            let config = rule_pack().new_tree(&mut runner).unwrap().current();
+            let entries = journal().new_tree(&mut runner).unwrap().current();
+            let mut processor = Processor::new(&config).unwrap();
+            for output in apply_all(&mut processor, 1, &entries, &Metrics::default()) {
+                if let RecordBody::Alert(a) = output.body {
+                    seen.insert((a.rule, a.state == AlertState::Raised));
+                }
+            }
+        }
+        for rule in
+            ["hot", "jump", "stuck", "silent", "busy", "odd", "hot-and-jumping", "sensor-trouble"]
+        {
+            for raised in [true, false] {
+                assert!(seen.contains(&(rule.to_string(), raised)), "{rule} {raised}: {seen:?}");
+            }
+        }
+    }
+
     proptest! {
         /// Snapshot at `split`, keep running to `crash`, die, restore and replay from the
         /// snapshot: the records are exactly those of an uninterrupted run, same seqs, and
@@ -1096,11 +1406,13 @@ mod tests {
             entries in journal(),
             split in 0.0f64..1.0,
             crash in 0.0f64..1.0,
+            pack in rule_pack(),
         ) {
             let n = entries.len();
             let split = (split * n as f64) as usize;
             let crash = split + (crash * (n - split) as f64) as usize;
             let metrics = Metrics::default();
+            let config = || pack.clone();
 
             let mut reference = Processor::new(&config()).unwrap();
             let expected = apply_all(&mut reference, 1, &entries, &metrics);

@@ -68,12 +68,14 @@ pub enum TopologyError {
 
 /// Runs the agent until `shutdown` resolves (or a stage fails), then stops in order.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), TopologyError> {
-    run_with_metrics(config, Arc::new(Metrics::default()), shutdown).await
+    run_with_metrics(config, None, Arc::new(Metrics::default()), shutdown).await
 }
 
-/// [`run`] with caller-owned metrics (tests and the API read them).
+/// [`run`] with hot reload of `config_path` (SIGHUP or a file change, see [`crate::reload`])
+/// and caller-owned metrics (tests and the API read them).
 pub async fn run_with_metrics(
     config: Config,
+    config_path: Option<std::path::PathBuf>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TopologyError> {
@@ -107,6 +109,9 @@ pub async fn run_with_metrics(
     let source_cancel = CancellationToken::new();
     let forward_cancel = CancellationToken::new();
     let failed = CancellationToken::new();
+    let (reload_tx, reload_rx) = tokio::sync::watch::channel(config.clone());
+    let reloader = config_path
+        .map(|path| tokio::spawn(crate::reload::watch(path, reload_tx, forward_cancel.clone())));
 
     let writer = watch_stage(
         "journal writer",
@@ -131,6 +136,7 @@ pub async fn run_with_metrics(
             processor_rx,
             metrics.clone(),
             recovered_through,
+            reload_rx,
         )),
     );
     let forwarder = watch_stage(
@@ -195,6 +201,9 @@ pub async fn run_with_metrics(
         );
     }
     status.abort();
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     let flush_store = store.clone();
     match tokio::task::spawn_blocking(move || flush_store.flush()).await {
         Ok(Ok(())) => {}

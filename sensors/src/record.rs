@@ -13,6 +13,7 @@
 //! Versioning: [`BATCH_FORMAT_VERSION`] leads every batch. Adding a record kind or a field is
 //! a new version; enums are append-only so that postcard discriminants never move.
 
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
@@ -142,6 +143,11 @@ pub struct Alert {
     pub threshold: f64,
     /// Human-readable message from the rule's template.
     pub message: String,
+    /// Labels of the alert, e.g. `device = "pump-1"`, `metric = "temperature"`: by default
+    /// the first and last segment of the series, or the rule's templates. Empty in records
+    /// of agents that had no labels (JSON without the key decodes).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Statistics of one series over one tumbling window `[start_ms, start_ms + window_ms)`.
@@ -218,6 +224,31 @@ mod tests {
             assert_eq!(Lane::from_tag(lane.tag()), Some(lane));
         }
         assert_eq!(Lane::from_tag(9), None);
+    }
+
+    #[test]
+    fn alerts_carry_labels_and_json_without_them_still_decodes() {
+        let mut labels = BTreeMap::new();
+        labels.insert(String::from("device"), String::from("pump-1"));
+        let alert = Alert {
+            rule: "hot".into(),
+            series: "pump-1/temp".into(),
+            state: AlertState::Raised,
+            severity: Severity::Critical,
+            ts_ms: 1_000,
+            value: 91.5,
+            threshold: 90.0,
+            message: "hot".into(),
+            labels,
+        };
+        let json = serde_json::to_string(&alert).unwrap();
+        assert!(json.ends_with(r#""labels":{"device":"pump-1"}}"#), "{json}");
+        assert_eq!(serde_json::from_str::<Alert>(&json).unwrap(), alert);
+        let bytes = postcard::to_stdvec(&alert).unwrap();
+        assert_eq!(postcard::from_bytes::<Alert>(&bytes).unwrap(), alert);
+        let old = json.replace(r#","labels":{"device":"pump-1"}"#, "");
+        let decoded: Alert = serde_json::from_str(&old).unwrap();
+        assert!(decoded.labels.is_empty());
     }
 
     #[test]

@@ -467,6 +467,7 @@ pub(crate) mod tests {
             value: 91.5,
             threshold: 90.0,
             message: "hot: too hot".into(),
+            labels: Default::default(),
         })
     }
 

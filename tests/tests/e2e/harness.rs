@@ -46,6 +46,7 @@ fn batch_json() -> Vec<u8> {
                 value: 31.0,
                 threshold: 30.0,
                 message: "hot".into(),
+                labels: Default::default(),
             }),
         })
         .collect();
