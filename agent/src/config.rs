@@ -612,8 +612,22 @@ impl Config {
     }
 }
 
-/// Loads and validates a configuration file; every problem is reported.
+/// What a configuration is loaded for: only running the agent needs a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `edgewise run`: every check.
+    Run,
+    /// `replay`, `journal export`: a file written to try rules on a recording needs no source.
+    Offline,
+}
+
+/// Loads and validates a configuration file for running the agent; every problem is reported.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_for(path, Purpose::Run)
+}
+
+/// Loads and validates a configuration file for `purpose`; every problem is reported.
+pub fn load_for(path: &Path, purpose: Purpose) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         problems: vec![Problem {
             file: path.display().to_string(),
@@ -623,7 +637,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             hint: None,
         }],
     })?;
-    load_str(&path.display().to_string(), &text)
+    load_str_for(&path.display().to_string(), &text, purpose)
 }
 
 /// Parses and validates configuration text; `file` names it in error messages.
@@ -632,6 +646,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// that one typo does not hide the next; then the whole file is checked for meaning (names,
 /// ranges, patterns, URLs). All problems come back at once, in file order.
 pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    load_str_for(file, text, Purpose::Run)
+}
+
+/// [`load_str`] for `purpose`.
+pub fn load_str_for(file: &str, text: &str, purpose: Purpose) -> Result<Config, ConfigErrors> {
     let mut problems = Vec::new();
     let (root, syntax) = toml::de::DeTable::parse_recoverable(text);
     for e in syntax {
@@ -643,7 +662,7 @@ pub fn load_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     if problems.is_empty() {
         match toml::from_str::<Config>(text) {
             Ok(config) => {
-                for issue in config.validate() {
+                for issue in config.validate_for(purpose) {
                     let span = issue.path.locate(&root);
                     let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
                     problems.push(Problem {
@@ -1007,6 +1026,11 @@ const MAX_SIM_SERIES: u64 = 100_000;
 impl Config {
     /// Checks what serde cannot: names, ranges, patterns, URLs. Returns every issue.
     pub fn validate(&self) -> Vec<Issue> {
+        self.validate_for(Purpose::Run)
+    }
+
+    /// [`Config::validate`] for `purpose`.
+    pub fn validate_for(&self, purpose: Purpose) -> Vec<Issue> {
         let mut issues = Vec::new();
         let mut issue = |path: String, message: String, hint: Option<&str>| {
             issues.push(Issue {
@@ -1046,7 +1070,7 @@ impl Config {
             issue("journal.snapshot_interval".into(), "must be at least 100ms".into(), None);
         }
 
-        if self.sources.is_empty() {
+        if self.sources.is_empty() && purpose == Purpose::Run {
             issue(
                 "sources".into(),
                 "no source is configured: the agent would have nothing to do".into(),

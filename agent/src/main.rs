@@ -217,18 +217,7 @@ fn replay(args: &ReplayArgs) -> ExitCode {
 /// written only to try rules on a recording, or to name a data directory, is valid without
 /// one. Every other problem is still reported.
 fn load_without_sources(path: &std::path::Path) -> Result<Config, ConfigErrors> {
-    /// How validation words the one problem replay forgives (matched on the text because
-    /// `config` has no replay mode yet).
-    const NO_SOURCE: &str = "sources: no source is configured";
-    let errors = match config::load(path) {
-        Ok(config) => return Ok(config),
-        Err(errors) => errors,
-    };
-    if !errors.problems.iter().all(|p| p.message.starts_with(NO_SOURCE)) {
-        return Err(errors);
-    }
-    // The file was read and parsed once already; only the missing sources failed.
-    std::fs::read_to_string(path).ok().and_then(|text| Config::from_toml(&text).ok()).ok_or(errors)
+    config::load_for(path, config::Purpose::Offline)
 }
 
 /// The arguments of `journal export`.
