@@ -51,7 +51,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{PayloadConfig, PayloadFormat, TimestampUnit};
+use crate::config::TimestampUnit;
 use crate::event::Entry;
 use crate::journal::{Journal, JournalError};
 use crate::rules::SeriesPattern;
@@ -597,20 +597,7 @@ fn numeric_timestamp(n: f64, unit: TimestampUnit) -> Result<i64, String> {
 /// two-key JSON document: one parser for the agent and for replay, at the cost of a small
 /// JSON parse per RFC 3339 timestamp. A `pub fn` for timestamps in `payload` would remove it.
 fn rfc3339_ms(text: &str) -> Result<i64, String> {
-    let cfg = PayloadConfig {
-        format: PayloadFormat::Json,
-        value: "v".into(),
-        timestamp: "t".into(),
-        timestamp_unit: TimestampUnit::Auto,
-    };
-    let quoted = serde_json::to_string(text).map_err(|e| e.to_string())?;
-    let doc = format!(r#"{{"v":0,"t":{quoted}}}"#);
-    match payload::decode(&cfg, doc.as_bytes()) {
-        Ok(payload::Decoded { ts_ms: Some(ts_ms), .. }) => Ok(ts_ms),
-        Ok(_) => Err(format!("`{}` is not a timestamp", excerpt(text))),
-        Err(payload::PayloadError::BadTimestamp { reason, .. }) => Err(reason),
-        Err(e) => Err(e.to_string()),
-    }
+    payload::parse_rfc3339_ms(text)
 }
 
 /// Splits a CSV line; double-quoted fields may hold commas, `""` is a quote.

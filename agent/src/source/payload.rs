@@ -233,8 +233,8 @@ fn check_range(ms: f64) -> Result<i64, String> {
 ///
 /// Written by hand because `humantime::parse_rfc3339_weak` only knows `Z`/`+00:00` and reads
 /// an absent offset as UTC. Leap seconds (`:60`) are folded into the next second, as RFC 3339
-/// suggests for systems without leap-second tables.
-fn parse_rfc3339_ms(s: &str) -> Result<i64, String> {
+/// suggests for systems without leap-second tables. Shared with the recording reader.
+pub fn parse_rfc3339_ms(s: &str) -> Result<i64, String> {
     let bad = || format!("`{}` is not an RFC 3339 timestamp", excerpt(s));
     let b = s.as_bytes();
     if b.len() < 20 {
