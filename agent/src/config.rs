@@ -1000,6 +1000,21 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// Shows a [`Problem`] as a warning: valid, but probably not what was meant.
+#[derive(Debug)]
+pub struct Warning<'a>(pub &'a Problem);
+
+impl std::fmt::Display for Warning<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = self.0;
+        write!(f, "{}:{}:{}: warning: {}", p.file, p.line, p.column, p.message)?;
+        if let Some(hint) = &p.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Every problem found in a configuration file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigErrors {
@@ -1223,6 +1238,141 @@ impl Config {
     }
 }
 
+/// Most simulated series listed one by one for the pattern check; above it the device part of
+/// each series counts as unknown (a cheap, still correct, approximation).
+const MAX_LISTED_SIM_SERIES: u64 = 10_000;
+
+impl Config {
+    /// What is valid but probably not what the technician meant: today, a rule whose series
+    /// pattern matches nothing the configured sources can produce.
+    pub fn warnings(&self) -> Vec<Issue> {
+        use crate::rules::pattern::Shape;
+        let Some(shapes) = self.series_shapes() else { return Vec::new() };
+        let mut issues = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let Some(text) = rule.common().series else { continue };
+            let Ok(pattern) = crate::rules::SeriesPattern::parse(text) else { continue };
+            if !shapes.iter().any(|shape| pattern.could_match(shape)) {
+                let example = shapes
+                    .first()
+                    .map(|shape| {
+                        shape
+                            .iter()
+                            .map(|s| match s {
+                                Shape::Literal(t) => t.as_str(),
+                                Shape::Any => "+",
+                                Shape::Rest => "#",
+                            })
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    })
+                    .unwrap_or_default();
+                issues.push(Issue {
+                    path: KeyPath::parse(&format!("rules[{i}].series")),
+                    message: format!(
+                        "`{text}` matches no series the configured sources produce (they look \
+                         like `{example}`); the rule `{}` would never fire",
+                        rule.name()
+                    ),
+                    hint: Some("check the pattern against the sources' series templates".into()),
+                });
+            }
+        }
+        issues
+    }
+
+    /// The shapes of the series keys every source can produce; `None` when one is unknown.
+    fn series_shapes(&self) -> Option<Vec<Vec<crate::rules::pattern::Shape>>> {
+        use crate::rules::pattern::Shape;
+        let mut shapes = Vec::new();
+        for source in &self.sources {
+            match source {
+                SourceConfig::Simulated(sim) => {
+                    let listed = u64::from(sim.devices) * sim.metrics.len() as u64;
+                    for metric in &sim.metrics {
+                        if listed > MAX_LISTED_SIM_SERIES {
+                            shapes.push(vec![Shape::Any, Shape::Literal(metric.clone())]);
+                            continue;
+                        }
+                        for device in 1..=sim.devices {
+                            shapes.push(vec![
+                                Shape::Literal(format!("pump-{device}")),
+                                Shape::Literal(metric.clone()),
+                            ]);
+                        }
+                    }
+                }
+                SourceConfig::Mqtt(mqtt) => {
+                    for filter in &mqtt.topics {
+                        shapes.push(template_shape(&mqtt.series, filter)?);
+                    }
+                }
+            }
+        }
+        Some(shapes)
+    }
+}
+
+/// The series shape a template gives over a topic filter; `None` when it cannot be told.
+fn template_shape(template: &str, filter: &str) -> Option<Vec<crate::rules::pattern::Shape>> {
+    use crate::rules::pattern::Shape;
+    let level = |l: &str| match l {
+        "+" => Shape::Any,
+        "#" => Shape::Rest,
+        other => Shape::Literal(other.to_string()),
+    };
+    let levels: Vec<&str> = filter.split('/').collect();
+    let mut shape = Vec::new();
+    for part in template.split('/') {
+        if part == "{topic}" {
+            shape.extend(levels.iter().map(|l| level(l)));
+        } else if let Some(n) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            let n: usize = n.parse().ok()?;
+            match (levels.get(n), levels.iter().position(|l| *l == "#")) {
+                (_, Some(hash)) if n >= hash => shape.push(Shape::Rest),
+                (Some(l), _) => shape.push(level(l)),
+                (None, _) => return None,
+            }
+        } else if part.contains('{') {
+            shape.push(Shape::Any);
+        } else {
+            shape.push(Shape::Literal(part.to_string()));
+        }
+    }
+    Some(shape)
+}
+
+/// Loads a configuration file for `purpose` and also returns its warnings, located.
+pub fn load_with_warnings(
+    path: &Path,
+    purpose: Purpose,
+) -> Result<(Config, Vec<Problem>), ConfigErrors> {
+    let config = load_for(path, purpose)?;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let file = path.display().to_string();
+    let warnings = locate(&file, &text, config.warnings());
+    Ok((config, warnings))
+}
+
+/// Turns issues into problems with line and column in `text`.
+pub fn locate(file: &str, text: &str, issues: Vec<Issue>) -> Vec<Problem> {
+    let (root, _) = toml::de::DeTable::parse_recoverable(text);
+    issues
+        .into_iter()
+        .map(|issue| {
+            let (line, column) =
+                issue.path.locate(&root).map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            Problem {
+                file: file.to_string(),
+                line,
+                column,
+                message: format!("{}: {}", issue.path, issue.message),
+                hint: issue.hint,
+            }
+        })
+        .collect()
+}
+
 /// Checks an MQTT topic filter: `#` only as the last level, wildcards fill a whole level.
 fn check_topic_filter(filter: &str) -> Result<(), &'static str> {
     if filter.is_empty() {
@@ -1336,5 +1486,51 @@ url = "ftp://x"
     fn missing_sections_are_named() {
         let errors = load_str("x.toml", "[agent]\nid = \"a\"\n").unwrap_err();
         assert!(errors.to_string().contains("missing section `[upstream]`"), "{errors}");
+    }
+
+    #[test]
+    fn a_rule_pattern_that_matches_no_source_series_is_a_warning() {
+        let text = r#"[agent]
+id = "gw"
+
+[[sources]]
+kind = "mqtt"
+topics = ["plant/line3/+/temperature", "plant/line3/+/vibration"]
+series = "{2}/{3}"
+
+[[rules]]
+kind = "threshold"
+name = "typo"
+series = "pump-*/temprature"
+above = 1.0
+
+[[rules]]
+kind = "threshold"
+name = "fine"
+series = "pump-*/temperature"
+above = 1.0
+
+[upstream]
+kind = "file"
+path = "x"
+"#;
+        let config = load_str("gw.toml", text).unwrap();
+        let warnings = locate("gw.toml", text, config.warnings());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let shown = Warning(&warnings[0]).to_string();
+        assert!(shown.starts_with("gw.toml:12:10: warning: rules[0].series"), "{shown}");
+        assert!(warnings[0].message.contains("look like `+/temperature`"), "{shown}");
+    }
+
+    #[test]
+    fn simulated_series_are_known_exactly() {
+        let text = MINIMAL.replace(
+            "[upstream]",
+            "[[rules]]\nkind = \"threshold\"\nname = \"r\"\nseries = \"fan-*/#\"\nabove = 1.0\n\n[upstream]",
+        );
+        let config = load_str("t.toml", &text).unwrap();
+        assert_eq!(config.warnings().len(), 1);
+        let text = text.replace("fan-*/#", "pump-2/vibration");
+        assert!(load_str("t.toml", &text).unwrap().warnings().is_empty());
     }
 }

@@ -113,32 +113,42 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match config::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} source(s), {} rule(s), upstream {})",
-                    config.display(),
-                    c.sources.len(),
-                    c.rules.len(),
-                    upstream_kind(&c)
-                );
-                ExitCode::SUCCESS
+        Command::Check { config } => {
+            match config::load_with_warnings(&config, config::Purpose::Run) {
+                Ok((c, warnings)) => {
+                    for warning in &warnings {
+                        eprintln!("{}", config::Warning(warning));
+                    }
+                    println!(
+                        "{}: ok ({} source(s), {} rule(s), upstream {})",
+                        config.display(),
+                        c.sources.len(),
+                        c.rules.len(),
+                        upstream_kind(&c)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::from(2)
+                }
             }
-            Err(errors) => {
-                eprintln!("{errors}");
-                ExitCode::from(2)
-            }
-        },
+        }
         Command::Run { config, exit_after } => {
             init_logging();
             let loaded = match &config {
-                Some(path) => config::load(path),
-                None => config::load_str("<embedded demo config>", DEMO_CONFIG),
+                Some(path) => config::load_with_warnings(path, config::Purpose::Run),
+                None => {
+                    config::load_str("<embedded demo config>", DEMO_CONFIG).map(|c| (c, Vec::new()))
+                }
             };
-            let loaded = match loaded {
+            let (loaded, warnings) = match loaded {
                 Ok(c) => c,
                 Err(errors) => return config_error(&errors),
             };
+            for warning in &warnings {
+                tracing::warn!("{}", config::Warning(warning));
+            }
             run(loaded, config, exit_after)
         }
         Command::Replay { config, input, series, format, scores, against, no_progress } => {

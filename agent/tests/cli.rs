@@ -18,8 +18,17 @@ fn every_file_in_config_loads_and_validates() {
     for entry in std::fs::read_dir(config_dir()).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            if let Err(errors) = edgewise::config::load(&path) {
-                panic!("{} is invalid:\n{errors}", path.display());
+            match edgewise::config::load_with_warnings(&path, edgewise::config::Purpose::Run) {
+                Err(errors) => panic!("{} is invalid:\n{errors}", path.display()),
+                Ok((_, warnings)) => assert!(
+                    warnings.is_empty(),
+                    "{} has warnings: {:?}",
+                    path.display(),
+                    warnings
+                        .iter()
+                        .map(|w| edgewise::config::Warning(w).to_string())
+                        .collect::<Vec<_>>()
+                ),
             }
             let out = edgewise().args(["check", "--config"]).arg(&path).output().unwrap();
             assert!(
@@ -102,4 +111,38 @@ fn run_refuses_an_invalid_config_with_exit_status_2() {
     let out = edgewise().args(["run", "--config"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing section `[upstream]`"));
+}
+
+#[test]
+fn check_warns_about_a_rule_that_can_never_fire_but_accepts_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo.toml");
+    std::fs::write(
+        &file,
+        r#"[agent]
+id = "gw-1"
+
+[[sources]]
+kind = "simulated"
+metrics = ["temperature"]
+
+[[rules]]
+kind = "threshold"
+name = "hot"
+series = "pump-*/temprature"
+above = 80.0
+
+[upstream]
+kind = "file"
+path = "out.jsonl"
+"#,
+    )
+    .unwrap();
+    let out = edgewise().args(["check", "--config"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "a warning is not an error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:11:10: warning: rules[0].series", file.display())),
+        "{stderr}"
+    );
 }

@@ -87,6 +87,43 @@ impl SeriesPattern {
     }
 }
 
+/// One segment of the series keys a source can produce, as far as the configuration tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shape {
+    /// Exactly this text.
+    Literal(String),
+    /// One segment whose text is only known at run time (an MQTT `+`).
+    Any,
+    /// Zero or more segments known only at run time (an MQTT `#`, or a template the check
+    /// cannot see through).
+    Rest,
+}
+
+impl SeriesPattern {
+    /// Whether some series of `shape` could match: used by `edgewise check` to warn about a
+    /// rule whose pattern can never match what the sources produce. Errs on the side of
+    /// "could": a warning must never be wrong.
+    pub fn could_match(&self, shape: &[Shape]) -> bool {
+        fn walk(pattern: &[Segment], shape: &[Shape]) -> bool {
+            match (pattern.first(), shape.first()) {
+                (Some(Segment::Rest), _) | (_, Some(Shape::Rest)) => true,
+                (None, None) => true,
+                (None, Some(_)) | (Some(_), None) => false,
+                (Some(p), Some(s)) => {
+                    let fits = match (p, s) {
+                        (Segment::One, _) | (_, Shape::Any) => true,
+                        (Segment::Literal(text), Shape::Literal(lit)) => text == lit,
+                        (Segment::Glob(glob), Shape::Literal(lit)) => glob_matches(glob, lit),
+                        (Segment::Rest, _) | (_, Shape::Rest) => true,
+                    };
+                    fits && walk(&pattern[1..], &shape[1..])
+                }
+            }
+        }
+        walk(&self.segments, shape)
+    }
+}
+
 /// `*` matches any run of characters (including none); everything else matches itself.
 /// Greedy with backtracking to the last star: linear in practice, no recursion.
 fn glob_matches(glob: &str, text: &str) -> bool {
@@ -145,5 +182,17 @@ mod tests {
         assert!(SeriesPattern::parse("a/#/b").unwrap_err().contains("last segment"));
         assert!(SeriesPattern::parse("a/b+/c").unwrap_err().contains("whole segment"));
         assert!(SeriesPattern::parse("a/x#").unwrap_err().contains("whole segment"));
+    }
+
+    #[test]
+    fn could_match_sees_through_wildcards_and_refuses_what_cannot_match() {
+        let lit = |s: &str| Shape::Literal(s.into());
+        let pump = SeriesPattern::parse("pump-*/temperature").unwrap();
+        assert!(pump.could_match(&[Shape::Any, lit("temperature")]));
+        assert!(pump.could_match(&[lit("pump-3"), Shape::Rest]));
+        assert!(!pump.could_match(&[lit("fan-3"), lit("temperature")]));
+        assert!(!pump.could_match(&[Shape::Any, lit("vibration")]));
+        assert!(!pump.could_match(&[Shape::Any]), "too few segments");
+        assert!(SeriesPattern::parse("#").unwrap().could_match(&[lit("x")]));
     }
 }
