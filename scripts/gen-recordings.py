@@ -29,8 +29,8 @@ def clock(seconds):
 
 def fmt(value, decimals):
     """A reading as the sensor reports it: rounded to its resolution, no `-0.0`."""
-    text = f"{round(value, decimals):.{decimals}f}"
-    return "0" if decimals == 0 and text == "-0" else text.replace("-0.00", "0.00")
+    text = f"{value:.{decimals}f}"
+    return text.lstrip("-") if float(text) == 0 else text
 
 
 def write_jsonl(path, header, readings):
@@ -127,15 +127,17 @@ def pump_maintenance():
         "pump-1, a bearing that fails:",
         "  0:00-0:40  healthy: 1.6 mm/s, 58 °C, 33 A                 (quiet)",
         "  0:40       defect onset: vibration steps to 2.2 mm/s      (vibration-anomaly)",
-        "  1:00-1:30  vibration grows to 4.0 mm/s                    (vibration-high at ~1:12)",
+        "  1:00-1:30  vibration grows to 4.0 mm/s                    (vibration-high at ~1:14)",
         "  1:15       bearing heats: +30 °C, time constant 12 min    (bearing-temp-rising ~1:17,",
         "                                                             bearing-temp-high ~1:33,",
         "                                                             bearing-failing with it)",
-        "  to 2:30    the failure goes on: nothing clears but the trend rule, at the plateau",
+        "  to 2:30    the failure goes on: only the trend rule clears, at the plateau (~1:44)",
         "pump-2, healthy bearings:",
         "  0:25       surge current 56 A, 52 A for one minute        (quiet)",
-        "  1:00-1:25  overload: 46 A                                 (motor-overload)",
-        "  1:50-1:58  dry run: 17 A, rough vibration                 (motor-dry-run, vibration-anomaly)",
+        "  1:00-1:25  overload: 47 A                                 (motor-overload)",
+        "  1:50-1:58  dry run: 17 A, rough vibration                 (motor-dry-run, vibration-anomaly",
+        "                                                             until the detector accepts",
+        "                                                             the old normal again, ~2:17)",
     ]
     return header, ordered(readings)
 
