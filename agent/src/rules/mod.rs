@@ -623,6 +623,12 @@ impl Kind {
         }
     }
 
+    /// Whether this kind's state can ever be idle (see [`Kind::is_idle`]): the others learn
+    /// from every event, so looking for idle state after each event would only cost lookups.
+    fn can_idle(&self) -> bool {
+        matches!(self, Kind::Threshold(_) | Kind::Combine(_))
+    }
+
     /// Whether a series' state can be dropped at `now_ms` without changing any output.
     fn is_idle(&self, state: &SeriesState, min_interval_ms: i64, now_ms: i64) -> bool {
         let machine_idle = match &state.machine {
@@ -875,7 +881,9 @@ impl Rules {
                 out.extend(rule.common.emit(&mut state.episode, series, &t));
             }
             self.next_deadline = earliest(self.next_deadline, rule.kind.deadline(state));
-            release(&mut self.state, rule, series, event.ts_ms);
+            if rule.kind.can_idle() {
+                release(&mut self.state, rule, series, event.ts_ms);
+            }
         }
         self.apply_changes(&changes, out);
     }

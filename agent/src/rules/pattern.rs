@@ -127,20 +127,22 @@ impl SeriesPattern {
 /// `*` matches any run of characters (including none); everything else matches itself.
 /// Greedy with backtracking to the last star: linear in practice, no recursion.
 fn glob_matches(glob: &str, text: &str) -> bool {
-    let g: Vec<char> = glob.chars().collect();
-    let t: Vec<char> = text.chars().collect();
+    // Bytes, not chars: `*` is ASCII and UTF-8 never hides an ASCII byte inside a multi-byte
+    // character, so byte-wise matching gives the same answer without allocating (this runs
+    // for every glob rule on every event).
+    let (g, t) = (glob.as_bytes(), text.as_bytes());
     let (mut gi, mut ti) = (0, 0);
     // Position of the last `*` seen and the text position it was tried at.
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if gi < g.len() && g[gi] == '*' {
+        if gi < g.len() && g[gi] == b'*' {
             star = Some((gi, ti));
             gi += 1;
         } else if gi < g.len() && g[gi] == t[ti] {
             gi += 1;
             ti += 1;
         } else if let Some((sg, st)) = star {
-            // Let the star swallow one more character and retry.
+            // Let the star swallow one more byte and retry.
             gi = sg + 1;
             ti = st + 1;
             star = Some((sg, st + 1));
@@ -148,7 +150,7 @@ fn glob_matches(glob: &str, text: &str) -> bool {
             return false;
         }
     }
-    g[gi..].iter().all(|&c| c == '*')
+    g[gi..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]
@@ -194,5 +196,17 @@ mod tests {
         assert!(!pump.could_match(&[Shape::Any, lit("vibration")]));
         assert!(!pump.could_match(&[Shape::Any]), "too few segments");
         assert!(SeriesPattern::parse("#").unwrap().could_match(&[lit("x")]));
+    }
+
+    #[test]
+    fn globs_match_non_ascii_segments_like_chars_would() {
+        assert!(glob_matches("kühl*", "kühlhaus-3"));
+        assert!(glob_matches("*ß", "straß"));
+        assert!(glob_matches("*ß*", "straße"));
+        assert!(!glob_matches("*ß", "straße"));
+        assert!(glob_matches("p*e", "pümpe"));
+        assert!(!glob_matches("*ü", "straße"));
+        assert!(glob_matches("*", ""));
+        assert!(!glob_matches("a*b", "a"));
     }
 }
