@@ -66,24 +66,21 @@ impl Aggregate {
         }
     }
 
-    /// The aggregate of `values` (not empty).
-    fn of(self, values: impl Iterator<Item = f64> + Clone) -> f64 {
-        let (mut n, mut sum, mut min, mut max) = (0usize, 0.0, f64::INFINITY, f64::NEG_INFINITY);
-        for v in values.clone() {
-            n += 1;
-            sum += v;
-            min = min.min(v);
-            max = max.max(v);
-        }
-        let mean = sum / n as f64;
+    /// The aggregate of `values` (not empty). Each aggregate scans only for what it needs:
+    /// `count` is the length, `mean` one sum, `min`/`max` one comparison pass (the scan is the
+    /// cost of this rule, so no work is done for an aggregate nobody asked for).
+    fn of(self, values: impl ExactSizeIterator<Item = f64> + Clone) -> f64 {
+        let n = values.len() as f64;
+        let mean = |values: &mut dyn Iterator<Item = f64>| values.sum::<f64>() / n;
         match self {
-            Aggregate::Mean => mean,
-            Aggregate::Min => min,
-            Aggregate::Max => max,
-            Aggregate::Count => n as f64,
+            Aggregate::Count => n,
+            Aggregate::Mean => mean(&mut values.clone()),
+            Aggregate::Min => values.fold(f64::INFINITY, |m, v| if v < m { v } else { m }),
+            Aggregate::Max => values.fold(f64::NEG_INFINITY, |m, v| if v > m { v } else { m }),
             Aggregate::Stddev => {
+                let mean = mean(&mut values.clone());
                 let squares: f64 = values.map(|v| (v - mean) * (v - mean)).sum();
-                (squares / n as f64).sqrt()
+                (squares / n).sqrt()
             }
         }
     }
