@@ -3,6 +3,7 @@
 //! `no_std` (with `alloc` for the upstream records) so that firmware, the agent and cloud
 //! decoders agree on one definition of every type that crosses a wire.
 //!
+//! - [`reading`]: channel readings with units and quality flags, the payload of device frames.
 //! - [`record`]: the upstream batch format (alerts, summaries, gap records) that the agent
 //!   sends to cloud backends.
 //!
@@ -14,5 +15,6 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod reading;
 #[cfg(feature = "alloc")]
 pub mod record;
