@@ -15,6 +15,9 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod drivers;
+pub mod frame;
 pub mod reading;
+pub mod sensor;
 #[cfg(feature = "alloc")]
 pub mod record;
