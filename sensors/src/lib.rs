@@ -4,20 +4,23 @@
 //! decoders agree on one definition of every type that crosses a wire.
 //!
 //! - [`reading`]: channel readings with units and quality flags, the payload of device frames.
+//! - [`frame`]: the device frame and its wire codec: postcard, CRC-32C, COBS, 0x00; a
+//!   streaming decoder that resynchronises after garbage and never panics.
+//! - [`sensor`]: the `Sensor` abstraction; a failed read becomes fault readings.
+//! - [`drivers`]: BME280 (temperature, humidity, pressure), ADXL345 (vibration RMS and peak),
+//!   INA219 (current, voltage, power), written from the datasheets for embedded-hal 1.0.
 //! - [`record`]: the upstream batch format (alerts, summaries, gap records) that the agent
 //!   sends to cloud backends.
-//!
-//! The device-side frame types (postcard + CRC + COBS) arrive with the device-side issue.
 #![no_std]
 
 #[cfg(feature = "alloc")]
 extern crate alloc;
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 extern crate std;
 
 pub mod drivers;
 pub mod frame;
 pub mod reading;
-pub mod sensor;
 #[cfg(feature = "alloc")]
 pub mod record;
+pub mod sensor;
