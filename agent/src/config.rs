@@ -155,6 +155,8 @@ pub enum SourceConfig {
     Mqtt(MqttSourceConfig),
     /// Built-in simulated sensors.
     Simulated(SimulatedSourceConfig),
+    /// A serial device (USB or UART): our firmware's frames, or JSON / CSV lines.
+    Serial(SerialSourceConfig),
 }
 
 impl SourceConfig {
@@ -163,6 +165,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Mqtt(c) => &c.name,
             SourceConfig::Simulated(c) => &c.name,
+            SourceConfig::Serial(c) => &c.name,
         }
     }
 }
@@ -297,6 +300,62 @@ pub enum TimestampUnit {
     Ms,
     /// Seconds since the Unix epoch (fractions allowed).
     S,
+}
+
+/// `kind = "serial"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSourceConfig {
+    /// Name in metrics and logs. Default `serial`.
+    #[serde(default = "default_serial_name")]
+    pub name: String,
+    /// The device, e.g. `/dev/serial/by-id/usb-...` (stable across replugs) or `/dev/ttyUSB0`.
+    pub path: PathBuf,
+    /// Baud rate. Default 115200.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// `frames` (our firmware: postcard + CRC + COBS), `json_lines` or `csv_lines`.
+    /// Default `frames`.
+    #[serde(default)]
+    pub framing: SerialFraming,
+    /// Series template. For `frames`: `{device}` (device id), `{channel}` and `{unit}`;
+    /// default `dev-{device}/{channel}`. For lines: the series comes from the line, and this
+    /// is the default for lines without one.
+    #[serde(default = "default_serial_series")]
+    pub series: String,
+    /// First reopen delay after the device disappeared; doubles up to `reconnect_max`.
+    /// Default 200 ms.
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reopen delay. Default 5 s.
+    #[serde(default = "default_serial_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+fn default_serial_name() -> String {
+    "serial".into()
+}
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_serial_series() -> String {
+    "dev-{device}/{channel}".into()
+}
+fn default_serial_reconnect_max() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// How bytes on a serial line are split into readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialFraming {
+    /// `sensors::frame`: COBS frames delimited by 0x00, each with a CRC-32C.
+    #[default]
+    Frames,
+    /// One JSON object per line: `{"series": "...", "value": 1.5, "ts": ...}` (`ts` optional).
+    JsonLines,
+    /// One CSV record per line: `series,value` or `timestamp,series,value`.
+    CsvLines,
 }
 
 /// `kind = "simulated"`
@@ -759,6 +818,7 @@ fn check_sections(
     let source = |kind: &str, v: toml::Spanned<toml::de::DeValue<'_>>| match kind {
         "mqtt" => check::<MqttSourceConfig>(v),
         "simulated" => check::<SimulatedSourceConfig>(v),
+        "serial" => check::<SerialSourceConfig>(v),
         _ => None,
     };
     let rule = |kind: &str, v: toml::Spanned<toml::de::DeValue<'_>>| match kind {
@@ -808,7 +868,9 @@ fn check_sections(
             "agent" => one::<AgentConfig>(value, file, text, name, problems),
             "storage" => one::<StorageConfig>(value, file, text, name, problems),
             "journal" => one::<JournalConfig>(value, file, text, name, problems),
-            "sources" => tagged_list(value, name, problems, &source, "\"mqtt\", \"simulated\""),
+            "sources" => {
+                tagged_list(value, name, problems, &source, "\"mqtt\", \"simulated\", \"serial\"")
+            }
             "rules" => tagged_list(value, name, problems, &rule, crate::rules::KINDS),
             "summary" => one::<SummaryConfig>(value, file, text, name, problems),
             "buffer" => one::<BufferConfig>(value, file, text, name, problems),
@@ -1141,6 +1203,17 @@ impl Config {
                         issue(at("keep_alive"), "must be at least 5s".into(), None);
                     }
                 }
+                SourceConfig::Serial(s) => {
+                    if s.path.as_os_str().is_empty() {
+                        issue(at("path"), "the device path is empty".into(), None);
+                    }
+                    if s.baud == 0 {
+                        issue(at("baud"), "must be more than 0".into(), Some("e.g. 115200"));
+                    }
+                    if s.reconnect_min > s.reconnect_max {
+                        issue(at("reconnect_min"), "must not exceed reconnect_max".into(), None);
+                    }
+                }
                 SourceConfig::Simulated(s) => {
                     if s.devices == 0 || s.metrics.is_empty() {
                         issue(
@@ -1307,6 +1380,8 @@ impl Config {
                         shapes.push(template_shape(&mqtt.series, filter)?);
                     }
                 }
+                // Lines name their own series: nothing can be told in advance.
+                SourceConfig::Serial(_) => return None,
             }
         }
         Some(shapes)

@@ -24,6 +24,7 @@
 pub mod backoff;
 pub mod mqtt;
 pub mod payload;
+pub mod serial;
 pub mod sim;
 
 use std::collections::HashMap;
@@ -89,6 +90,9 @@ pub async fn run(
             mqtt::run(index, &config, mqtt_config, ingest, metrics, cancel).await
         }
         SourceConfig::Simulated(sim_config) => sim::run(index, sim_config, ingest, cancel).await,
+        SourceConfig::Serial(serial_config) => {
+            serial::run(index, serial_config, ingest, metrics, cancel).await
+        }
     }
 }
 

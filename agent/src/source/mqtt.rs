@@ -545,7 +545,7 @@ mod tests {
     fn mqtt_cfg(config: &Config) -> &MqttSourceConfig {
         match &config.sources[0] {
             crate::config::SourceConfig::Mqtt(c) => c,
-            crate::config::SourceConfig::Simulated(_) => unreachable!(),
+            _ => unreachable!("the test configuration has one mqtt source"),
         }
     }
 
