@@ -1204,6 +1204,15 @@ impl Config {
                     }
                 }
                 SourceConfig::Serial(s) => {
+                    if s.framing == SerialFraming::Frames
+                        && let Err(reason) = crate::source::serial::SeriesTemplate::parse(&s.series)
+                    {
+                        issue(
+                            at("series"),
+                            format!("bad series template: {reason}"),
+                            Some("frames know {device}, {channel} and {unit}"),
+                        );
+                    }
                     if s.path.as_os_str().is_empty() {
                         issue(at("path"), "the device path is empty".into(), None);
                     }
@@ -1607,5 +1616,18 @@ path = "x"
         assert_eq!(config.warnings().len(), 1);
         let text = text.replace("fan-*/#", "pump-2/vibration");
         assert!(load_str("t.toml", &text).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn a_serial_series_template_is_checked_at_its_key() {
+        let text = MINIMAL.replace(
+            "kind = \"simulated\"",
+            "kind = \"serial\"\npath = \"/dev/ttyUSB0\"\nseries = \"dev-{devise}\"",
+        );
+        let shown = load_str("s.toml", &text).unwrap_err().to_string();
+        assert!(
+            shown.contains("s.toml:8:10: error: sources[0].series: bad series template"),
+            "{shown}"
+        );
     }
 }

@@ -354,7 +354,8 @@ impl<R: BufRead> RecordingReader<R> {
                 continue;
             }
             let parsed = match self.format {
-                Format::JsonLines => parse_json_line(text, self.default_series.as_deref()),
+                Format::JsonLines => parse_json_line(text, self.default_series.as_deref(), None)
+                    .map_err(|e| e.reason),
                 Format::Csv => match self.columns {
                     Some(columns) => self.parse_csv_line(columns, text),
                     None => {
@@ -516,32 +517,68 @@ struct JsonLine {
     value: Option<serde_json::Value>,
 }
 
-fn parse_json_line(text: &str, default_series: Option<&str>) -> Result<(i64, String, f64), String> {
-    let line: JsonLine =
-        serde_json::from_str(text).map_err(|e| format!("not a JSON object: {e}"))?;
-    let ts_ms = match (&line.ts_ms, &line.ts, &line.timestamp) {
-        (Some(ts), _, _) => json_timestamp(ts, TimestampUnit::Ms),
-        (None, Some(ts), _) | (None, None, Some(ts)) => json_timestamp(ts, TimestampUnit::Auto),
-        (None, None, None) => Err("no timestamp (`ts`, `timestamp` or `ts_ms`)".into()),
-    }?;
+/// Why a JSON line was refused: a metric cause (`invalid_json`, `missing_value`, ...) and a
+/// reason for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineError {
+    /// Short, stable cause for counters.
+    pub cause: &'static str,
+    /// What is wrong, for logs and reports.
+    pub reason: String,
+}
+
+fn line_error(cause: &'static str) -> impl FnOnce(String) -> LineError {
+    move |reason| LineError { cause, reason }
+}
+
+/// Parses one JSON line `{"ts": ..., "series": "...", "value": 1.5}` (also `timestamp` or
+/// `ts_ms`; the value may be a numeric string): the one JSON-lines reader of recordings and
+/// of the serial source. `default_series` names lines without a series; `default_ts` stamps
+/// lines without a timestamp (the serial source's receive time) — without it such a line is
+/// refused, as a recording must carry its event time.
+pub fn parse_json_line(
+    text: &str,
+    default_series: Option<&str>,
+    default_ts: Option<i64>,
+) -> Result<(i64, String, f64), LineError> {
+    let line: JsonLine = serde_json::from_str(text)
+        .map_err(|e| format!("not a JSON object: {e}"))
+        .map_err(line_error("invalid_json"))?;
+    let ts_ms = match (&line.ts_ms, &line.ts, &line.timestamp, default_ts) {
+        (Some(ts), _, _, _) => json_timestamp(ts, TimestampUnit::Ms),
+        (None, Some(ts), _, _) | (None, None, Some(ts), _) => {
+            json_timestamp(ts, TimestampUnit::Auto)
+        }
+        (None, None, None, Some(ts)) => Ok(ts),
+        (None, None, None, None) => Err("no timestamp (`ts`, `timestamp` or `ts_ms`)".into()),
+    }
+    .map_err(line_error("invalid_timestamp"))?;
     let series = match (line.series, default_series) {
         (Some(series), _) if !series.is_empty() => series,
-        (Some(_), _) => return Err("empty series".into()),
+        (Some(_), _) => return Err(line_error("invalid_series")("empty series".into())),
         (None, Some(series)) => series.to_string(),
-        (None, None) => return Err("no `series` (or pass --series NAME)".into()),
-    };
-    let value = match line.value {
-        Some(serde_json::Value::Number(n)) => n.as_f64().ok_or("value is not representable")?,
-        Some(serde_json::Value::String(s)) => s
-            .trim()
-            .parse::<f64>()
-            .map_err(|_| format!("value \"{}\" is not a number", excerpt(&s)))?,
-        None | Some(serde_json::Value::Null) => return Err("no `value`".into()),
-        Some(other) => {
-            return Err(format!("value {} is not a number", excerpt(&other.to_string())));
+        (None, None) => {
+            return Err(line_error("invalid_series")("no `series` (or pass --series NAME)".into()));
         }
     };
-    finite(value).map(|value| (ts_ms, series, value))
+    let value = match line.value {
+        Some(serde_json::Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| line_error("invalid_value")("value is not representable".into()))?,
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().map_err(|_| {
+            line_error("invalid_value")(format!("value \"{}\" is not a number", excerpt(&s)))
+        })?,
+        None | Some(serde_json::Value::Null) => {
+            return Err(line_error("missing_value")("no `value`".into()));
+        }
+        Some(other) => {
+            return Err(line_error("invalid_value")(format!(
+                "value {} is not a number",
+                excerpt(&other.to_string())
+            )));
+        }
+    };
+    finite(value).map(|value| (ts_ms, series, value)).map_err(line_error("non_finite"))
 }
 
 fn json_timestamp(v: &serde_json::Value, unit: TimestampUnit) -> Result<i64, String> {

@@ -164,7 +164,10 @@ impl SeriesTemplate {
                 Piece::Text(t) => out.push_str(t),
                 Piece::Device => out.push_str(&device.to_string()),
                 Piece::Channel => out.push_str(&channel.to_string()),
-                Piece::Unit => out.push_str(unit.symbol()),
+                // A series segment must not split: `mm/s` becomes `mm_s`.
+                Piece::Unit => {
+                    out.extend(unit.symbol().chars().map(|c| if c == '/' { '_' } else { c }))
+                }
             }
         }
         out
@@ -350,29 +353,16 @@ fn line_outcome(
 }
 
 /// `{"series": "...", "value": 1.5, "ts": ms | s | "RFC 3339"}`; `series` and `ts` optional.
+/// The same reader as recordings ([`crate::recording::parse_json_line`]), so a line captured
+/// from a device replays as it was read.
 fn parse_json_line(
     line: &str,
     default_series: &str,
     received_ms: i64,
 ) -> Result<Outcome, (&'static str, String)> {
-    let doc: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| ("invalid_json", e.to_string()))?;
-    let object = doc.as_object().ok_or(("invalid_json", "not a JSON object".to_string()))?;
-    let series = match object.get("series") {
-        None | Some(serde_json::Value::Null) => default_series.to_string(),
-        Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(other) => return Err(("invalid_series", format!("series {other} is not a name"))),
-    };
-    let value = match object.get("value") {
-        None => return Err(("missing_value", "no `value`".into())),
-        Some(v) => v.as_f64().ok_or(("invalid_value", format!("value {v} is not a number")))?,
-    };
-    let ts_ms = match object.get("ts") {
-        None | Some(serde_json::Value::Null) => received_ms,
-        Some(serde_json::Value::Number(n)) => timestamp(&n.to_string())?,
-        Some(serde_json::Value::String(s)) => timestamp(s)?,
-        Some(other) => return Err(("invalid_timestamp", format!("ts {other} is not a time"))),
-    };
+    let (ts_ms, series, value) =
+        crate::recording::parse_json_line(line, Some(default_series), Some(received_ms))
+            .map_err(|e| (e.cause, e.reason))?;
     reading(series, value, ts_ms)
 }
 
@@ -800,5 +790,12 @@ mod tests {
         assert_eq!(t.render(3, 1, Unit::Watt), "dev-3/1");
         assert!(SeriesTemplate::parse("{topic}").unwrap_err().contains("unknown placeholder"));
         assert!(SeriesTemplate::parse("x{device").unwrap_err().contains("unclosed"));
+    }
+
+    #[test]
+    fn a_unit_with_a_slash_does_not_add_a_series_segment() {
+        let template = SeriesTemplate::parse("dev-{device}/{unit}").unwrap();
+        let series = template.render(7, 0, sensors::reading::Unit::MillimetrePerSecond);
+        assert_eq!(series, "dev-7/mm_s");
     }
 }
