@@ -52,7 +52,8 @@ pub struct AgentConfig {
     /// Directory of the sled store. Default `./edgewise-data`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
-    /// How often the one-line status is logged. Default 10 s; `0s` turns it off.
+    /// How often the one-line status is logged. Default 10 s; `0s` turns the periodic line off
+    /// (a `final status` line is still logged at shutdown).
     #[serde(default = "default_status_interval", with = "humantime_serde")]
     pub status_interval: Duration,
     /// How long shutdown may take to finish in-flight sends. Default 5 s.
@@ -314,6 +315,16 @@ pub struct SerialSourceConfig {
     /// Baud rate. Default 115200.
     #[serde(default = "default_baud")]
     pub baud: u32,
+    /// Parity bit: `"none"`, `"even"` or `"odd"`. Default `"none"` (our firmware sends 8N1;
+    /// RS-485 field adapters, Modbus RTU style, often want `"even"`, i.e. 8E1).
+    #[serde(default)]
+    pub parity: SerialParity,
+    /// Data bits per character: 5, 6, 7 or 8. Default 8.
+    #[serde(default)]
+    pub data_bits: SerialDataBits,
+    /// Stop bits: 1 or 2. Default 1.
+    #[serde(default)]
+    pub stop_bits: SerialStopBits,
     /// `frames` (our firmware: postcard + CRC + COBS), `json_lines` or `csv_lines`.
     /// Default `frames`.
     #[serde(default)]
@@ -343,6 +354,72 @@ fn default_serial_series() -> String {
 }
 fn default_serial_reconnect_max() -> Duration {
     Duration::from_secs(5)
+}
+
+/// The parity bit of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialParity {
+    /// No parity bit.
+    #[default]
+    None,
+    /// Even parity.
+    Even,
+    /// Odd parity.
+    Odd,
+}
+
+/// Data bits per character of a serial line. Written as a number (5 to 8) in the file; any
+/// other number is an error at its position that names the valid values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(try_from = "i64")]
+pub enum SerialDataBits {
+    /// 5 bits.
+    Five,
+    /// 6 bits.
+    Six,
+    /// 7 bits.
+    Seven,
+    /// 8 bits.
+    #[default]
+    Eight,
+}
+
+impl TryFrom<i64> for SerialDataBits {
+    type Error = String;
+
+    fn try_from(n: i64) -> Result<Self, String> {
+        match n {
+            5 => Ok(SerialDataBits::Five),
+            6 => Ok(SerialDataBits::Six),
+            7 => Ok(SerialDataBits::Seven),
+            8 => Ok(SerialDataBits::Eight),
+            other => Err(format!("data_bits must be 5, 6, 7 or 8, not {other}")),
+        }
+    }
+}
+
+/// Stop bits of a serial line. Written as a number (1 or 2) in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(try_from = "i64")]
+pub enum SerialStopBits {
+    /// One stop bit.
+    #[default]
+    One,
+    /// Two stop bits.
+    Two,
+}
+
+impl TryFrom<i64> for SerialStopBits {
+    type Error = String;
+
+    fn try_from(n: i64) -> Result<Self, String> {
+        match n {
+            1 => Ok(SerialStopBits::One),
+            2 => Ok(SerialStopBits::Two),
+            other => Err(format!("stop_bits must be 1 or 2, not {other}")),
+        }
+    }
 }
 
 /// How bytes on a serial line are split into readings.
@@ -1629,5 +1706,78 @@ path = "x"
             shown.contains("s.toml:8:10: error: sources[0].series: bad series template"),
             "{shown}"
         );
+    }
+
+    fn serial(lines: &str) -> String {
+        MINIMAL.replace(
+            "kind = \"simulated\"",
+            &format!("kind = \"serial\"\npath = \"/dev/ttyUSB0\"\n{lines}"),
+        )
+    }
+
+    fn serial_source(config: &Config) -> &SerialSourceConfig {
+        match &config.sources[0] {
+            SourceConfig::Serial(s) => s,
+            other => panic!("not serial: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn serial_line_settings_default_to_8n1_and_accept_8e1_and_7o2() {
+        let c = load_str("s.toml", &serial("")).unwrap();
+        let s = serial_source(&c);
+        assert_eq!(
+            (s.parity, s.data_bits, s.stop_bits),
+            (SerialParity::None, SerialDataBits::Eight, SerialStopBits::One)
+        );
+        let c =
+            load_str("s.toml", &serial("parity = \"even\"\ndata_bits = 8\nstop_bits = 1")).unwrap();
+        let s = serial_source(&c);
+        assert_eq!(
+            (s.parity, s.data_bits, s.stop_bits),
+            (SerialParity::Even, SerialDataBits::Eight, SerialStopBits::One)
+        );
+        let c =
+            load_str("s.toml", &serial("parity = \"odd\"\ndata_bits = 7\nstop_bits = 2")).unwrap();
+        let s = serial_source(&c);
+        assert_eq!(
+            (s.parity, s.data_bits, s.stop_bits),
+            (SerialParity::Odd, SerialDataBits::Seven, SerialStopBits::Two)
+        );
+        for (n, bits) in [(5, SerialDataBits::Five), (6, SerialDataBits::Six)] {
+            let c = load_str("s.toml", &serial(&format!("data_bits = {n}"))).unwrap();
+            assert_eq!(serial_source(&c).data_bits, bits);
+        }
+    }
+
+    #[test]
+    fn a_bad_serial_line_setting_is_reported_at_its_value_with_the_valid_ones() {
+        // serde stops at the first error of a table, as for every other key.
+        let cases = [
+            (
+                "parity = \"mark\"",
+                "s.toml:8:10: error: sources[0]: unknown variant `mark`, expected one of `none`, `even`, `odd`",
+            ),
+            (
+                "data_bits = 9",
+                "s.toml:8:13: error: sources[0]: data_bits must be 5, 6, 7 or 8, not 9",
+            ),
+            (
+                "data_bits = 4",
+                "s.toml:8:13: error: sources[0]: data_bits must be 5, 6, 7 or 8, not 4",
+            ),
+            ("stop_bits = 0", "s.toml:8:13: error: sources[0]: stop_bits must be 1 or 2, not 0"),
+            (
+                "stop_bits = 1.5",
+                "s.toml:8:13: error: sources[0]: invalid type: floating point `1.5`",
+            ),
+            ("data_bits = \"8\"", "s.toml:8:13: error: sources[0]: invalid type: string \"8\""),
+        ];
+        for (line, expected) in cases {
+            let errors = load_str("s.toml", &serial(line)).unwrap_err();
+            let shown = errors.to_string();
+            assert!(shown.contains(expected), "{line}: {shown}");
+            assert_eq!(errors.problems.len(), 1, "{shown}");
+        }
     }
 }

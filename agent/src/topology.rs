@@ -14,6 +14,7 @@
 //! 4. the forwarder finishes its in-flight send before `agent.shutdown_timeout`;
 //! 5. a last flush of the store.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -169,11 +170,12 @@ pub async fn run_with_metrics(
         ));
     }
     drop(ingest_tx);
+    let status_stop = CancellationToken::new();
     let status = tokio::spawn(status_loop(
         config.agent.status_interval,
         metrics.clone(),
         outbox.clone(),
-        forward_cancel.clone(),
+        status_stop.clone(),
     ));
 
     let mut result = Ok(());
@@ -200,7 +202,6 @@ pub async fn run_with_metrics(
             "upstream send still in flight at the shutdown deadline; it is resent after restart"
         );
     }
-    status.abort();
     if let Some(reloader) = reloader {
         reloader.abort();
     }
@@ -209,6 +210,11 @@ pub async fn run_with_metrics(
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(error = %e, "final flush failed"),
         Err(e) => warn!(error = %e, "final flush task failed"),
+    }
+    // Every stage has stopped: the counters are final. The status task logs them once more.
+    status_stop.cancel();
+    if let Err(e) = status.await {
+        warn!(error = %e, "status task failed");
     }
     let stats = outbox.stats();
     info!(
@@ -241,54 +247,140 @@ fn watch_stage<E: std::fmt::Display + Send + 'static>(
     })
 }
 
-/// Logs one status line every `interval`: rates in, alerts, outbox depth, upstream state.
+/// Most `source/cause` entries in the status line's `rejects` field; the rest are summed up
+/// as `+k more`. Ten keeps the line readable on an 80-column console while still showing every
+/// cause of a typical gateway (a few sources, a few causes each).
+const STATUS_MAX_REJECTS: usize = 10;
+
+/// Logs one status line every `interval` (none when it is zero), and a last one, `final
+/// status`, when `stop` is cancelled: the caller cancels it after every stage has stopped, so
+/// that line holds the exact final counters.
 async fn status_loop(
     interval: Duration,
     metrics: Arc<Metrics>,
     outbox: Outbox,
     stop: CancellationToken,
 ) {
+    let mut rate = RateMeter::new(metrics::get(&metrics.events_in), Instant::now());
     if interval.is_zero() {
-        return;
-    }
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    let mut last_in = metrics::get(&metrics.events_in);
-    let mut last = Instant::now();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = stop.cancelled() => return,
+        stop.cancelled().await;
+    } else {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = stop.cancelled() => break,
+            }
+            log_status("status", &metrics, &outbox, &mut rate);
         }
-        let now = Instant::now();
-        let events_in = metrics::get(&metrics.events_in);
-        let rate = (events_in - last_in) as f64 / now.duration_since(last).as_secs_f64();
-        (last_in, last) = (events_in, now);
-        let stats = outbox.stats();
-        let upstream = if metrics::get(&metrics.upstream_up) == 1 {
-            "up"
-        } else if metrics::get(&metrics.upstream_failures) == 0 {
-            "idle"
-        } else {
-            "down"
-        };
-        info!(
-            events_per_s = format_args!("{rate:.1}"),
-            events_in,
-            commits = metrics::get(&metrics.journal_commits),
-            rejected = metrics.rejected_total(),
-            late = metrics::get(&metrics.late_events),
-            alerts_raised = metrics::get(&metrics.alerts_raised),
-            alerts_cleared = metrics::get(&metrics.alerts_cleared),
-            summaries = metrics::get(&metrics.summaries),
-            outbox_alerts = stats.alerts.records,
-            outbox_summaries = stats.summaries.records,
-            outbox_bytes = stats.alerts.bytes + stats.summaries.bytes,
-            evicted = stats.evicted,
-            sent = metrics::get(&metrics.upstream_sent_records),
-            upstream,
-            "status"
+    }
+    log_status("final status", &metrics, &outbox, &mut rate);
+}
+
+/// Events per second between two status lines.
+struct RateMeter {
+    last_in: u64,
+    last: Instant,
+}
+
+impl RateMeter {
+    fn new(events_in: u64, now: Instant) -> RateMeter {
+        RateMeter { last_in: events_in, last: now }
+    }
+
+    fn rate(&mut self, events_in: u64, now: Instant) -> f64 {
+        let secs = now.duration_since(self.last).as_secs_f64();
+        let n = events_in.saturating_sub(self.last_in);
+        (self.last_in, self.last) = (events_in, now);
+        if secs > 0.0 { n as f64 / secs } else { 0.0 }
+    }
+}
+
+/// One status line: rates in, alerts, outbox depth, upstream state, rejects and lost frames.
+fn log_status(message: &str, metrics: &Metrics, outbox: &Outbox, rate: &mut RateMeter) {
+    let events_in = metrics::get(&metrics.events_in);
+    let rate = rate.rate(events_in, Instant::now());
+    let stats = outbox.stats();
+    let upstream = if metrics::get(&metrics.upstream_up) == 1 {
+        "up"
+    } else if metrics::get(&metrics.upstream_failures) == 0 {
+        "idle"
+    } else {
+        "down"
+    };
+    info!(
+        events_per_s = format_args!("{rate:.1}"),
+        events_in,
+        commits = metrics::get(&metrics.journal_commits),
+        rejected = metrics.rejected_total(),
+        rejects = ?format_rejects(&metrics.rejected(), STATUS_MAX_REJECTS),
+        lost_frames = metrics.lost_frames_total(),
+        late = metrics::get(&metrics.late_events),
+        alerts_raised = metrics::get(&metrics.alerts_raised),
+        alerts_cleared = metrics::get(&metrics.alerts_cleared),
+        summaries = metrics::get(&metrics.summaries),
+        outbox_alerts = stats.alerts.records,
+        outbox_summaries = stats.summaries.records,
+        outbox_bytes = stats.alerts.bytes + stats.summaries.bytes,
+        evicted = stats.evicted,
+        sent = metrics::get(&metrics.upstream_sent_records),
+        upstream,
+        "{message}"
+    );
+}
+
+/// The non-zero rejects as `source/cause=n`, space-separated, largest first (ties in name
+/// order), at most `max` of them and then `+k more` for the `k` left out.
+fn format_rejects(rejected: &BTreeMap<(String, &'static str), u64>, max: usize) -> String {
+    let mut entries: Vec<_> = rejected.iter().filter(|(_, n)| **n > 0).collect();
+    entries.sort_by(|(a, m), (b, n)| n.cmp(m).then_with(|| a.cmp(b)));
+    let mut out = String::new();
+    for ((source, cause), n) in entries.iter().take(max) {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&format!("{source}/{cause}={n}"));
+    }
+    if entries.len() > max {
+        out.push_str(&format!(" +{} more", entries.len() - max));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejects(entries: &[(&str, &'static str, u64)]) -> BTreeMap<(String, &'static str), u64> {
+        entries.iter().map(|(s, c, n)| ((s.to_string(), *c), *n)).collect()
+    }
+
+    #[test]
+    fn rejects_are_listed_largest_first_without_zeros() {
+        let map = rejects(&[
+            ("mqtt", "invalid_json", 2),
+            ("serial", "frame_crc", 5),
+            ("serial", "seq_jump", 0),
+            ("mqtt", "non_finite", 2),
+        ]);
+        assert_eq!(
+            format_rejects(&map, 10),
+            "serial/frame_crc=5 mqtt/invalid_json=2 mqtt/non_finite=2"
         );
+        assert_eq!(format_rejects(&BTreeMap::new(), 10), "");
+    }
+
+    #[test]
+    fn rejects_beyond_the_cap_are_summed_up_as_more() {
+        const CAUSES: [&str; 13] =
+            ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m"];
+        let map: BTreeMap<_, _> =
+            CAUSES.iter().enumerate().map(|(i, c)| (("s".to_string(), *c), i as u64 + 1)).collect();
+        let line = format_rejects(&map, 10);
+        assert!(line.starts_with("s/m=13 s/l=12 "), "{line}");
+        assert!(line.ends_with(" s/d=4 +3 more"), "{line}");
+        assert_eq!(line.split(' ').count(), 12, "{line}");
     }
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgewise::config::{SerialFraming, SerialSourceConfig};
+use edgewise::config::{
+    SerialDataBits, SerialFraming, SerialParity, SerialSourceConfig, SerialStopBits,
+};
 use edgewise::event::{Event, Ingest};
 use edgewise::metrics::Metrics;
 use edgewise::source::{SourceError, serial};
@@ -42,6 +44,9 @@ fn config(path: &Path, framing: SerialFraming, series: &str) -> SerialSourceConf
         name: "serial".into(),
         path: path.to_path_buf(),
         baud: 115_200,
+        parity: SerialParity::None,
+        data_bits: SerialDataBits::Eight,
+        stop_bits: SerialStopBits::One,
         framing,
         series: series.into(),
         reconnect_min: Duration::from_millis(10),
@@ -160,11 +165,25 @@ async fn a_bad_line_is_counted_and_the_next_good_line_still_arrives() {
 }
 
 fn encoded(device: u32, seq: u32, value: f32) -> Vec<u8> {
-    let mut frame = Frame::new(device, seq, seq * 100);
+    encoded_at(device, seq, seq * 100, value)
+}
+
+fn encoded_at(device: u32, seq: u32, tick: u32, value: f32) -> Vec<u8> {
+    let mut frame = Frame::new(device, seq, tick);
     frame.readings.push(ChannelReading::good(0, Unit::Celsius, value)).unwrap();
     let mut buf = [0u8; MAX_FRAME_SIZE];
     let n = encode(&frame, &mut buf).unwrap();
     buf[..n].to_vec()
+}
+
+/// The next event of series `1/0` (device 1, channel 0).
+async fn next_of_device_1(source: &mut Running) -> Event {
+    loop {
+        let event = source.next().await;
+        if event.series == "1/0" {
+            return event;
+        }
+    }
 }
 
 #[tokio::test]
@@ -180,33 +199,111 @@ async fn frames_survive_garbage_and_corruption_and_gaps_are_counted() {
         })
         .await;
 
-    let mut bytes = Vec::new();
-    bytes.extend(encoded(1, 1, 1.0));
-    bytes.extend_from_slice(b"\x13\x37garbage\0");
-    bytes.extend(encoded(1, 2, 2.0));
-    let mut corrupt = encoded(1, 3, 3.0);
+    // Seq 1 anchors device 1's clock: the first frame of a device gets its receive time.
+    master.write_all(&encoded_at(1, 1, 1_000, 1.0)).await.unwrap();
+    let first = next_of_device_1(&mut source).await;
+    assert_eq!((first.value, first.ts_ms), (1.0, first.received_ms));
+
+    // The device holds its next frames (ticks 10 ms apart) and sends them in one burst.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut bytes = b"\x13\x37garbage\0".to_vec();
+    bytes.extend(encoded_at(1, 2, 1_010, 2.0));
+    let mut corrupt = encoded_at(1, 3, 1_020, 3.0);
     corrupt[4] ^= 0x01;
     bytes.extend(corrupt);
-    bytes.extend(encoded(1, 4, 4.0));
-    bytes.extend(encoded(1, 7, 7.0));
+    bytes.extend(encoded_at(1, 4, 1_040, 4.0));
+    bytes.extend(encoded_at(1, 7, 1_070, 7.0));
     master.write_all(&bytes).await.unwrap();
 
-    let mut values = Vec::new();
-    while values.len() < 4 {
-        let event = source.next().await;
-        if event.series == "1/0" {
-            assert_eq!(event.ts_ms, event.received_ms, "devices have no clock: receive time");
-            values.push(event.value);
-        }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let event = next_of_device_1(&mut source).await;
+        assert!(event.ts_ms <= event.received_ms, "{event:?}");
+        got.push((event.value, event.ts_ms - first.ts_ms));
     }
-    assert_eq!(values, vec![1.0, 2.0, 4.0, 7.0]);
+    // Spaced by their ticks, not all stamped with the burst's receive time.
+    assert_eq!(got, vec![(2.0, 10), (4.0, 40), (7.0, 70)]);
     let frame_errors: u64 = ["frame_cobs", "frame_crc", "frame_decode", "frame_empty"]
         .iter()
         .map(|c| source.rejected(c))
         .sum();
     assert_eq!(frame_errors, 2, "{:?}", source.metrics.rejected());
-    // Seq 3 was corrupted, 5 and 6 never sent.
-    assert_eq!(source.rejected("lost_frames"), 3);
+    // Seq 3 was corrupted, 5 and 6 never sent: lost frames, not rejected input.
+    assert_eq!(source.metrics.devices()["serial"].lost_frames, 3);
+    assert_eq!(source.metrics.lost_frames_total(), 3);
+    assert_eq!(source.rejected("lost_frames"), 0);
+    assert_eq!(source.metrics.devices()["serial"].device_restarts, 0);
+
+    // The device restarts: its tick starts over. Counted, and its reading still arrives.
+    master.write_all(&encoded_at(1, 1, 5, 8.0)).await.unwrap();
+    let after = next_of_device_1(&mut source).await;
+    assert_eq!((after.value, after.ts_ms), (8.0, after.received_ms), "re-anchored");
+    assert_eq!(source.metrics.devices()["serial"].device_restarts, 1);
+    assert_eq!(source.metrics.lost_frames_total(), 3);
+    source.stop().await;
+}
+
+#[test]
+fn the_line_settings_reach_the_port_builder() {
+    use tokio_serial::{DataBits, Parity, StopBits};
+    let mut settings = config(Path::new("/dev/ttyUSB0"), SerialFraming::Frames, "{device}");
+    settings.baud = 9_600;
+    let expected = |parity, data_bits, stop_bits| {
+        tokio_serial::new("/dev/ttyUSB0", 9_600)
+            .parity(parity)
+            .data_bits(data_bits)
+            .stop_bits(stop_bits)
+    };
+    assert_eq!(serial::builder(&settings), expected(Parity::None, DataBits::Eight, StopBits::One));
+    let cases = [
+        (SerialParity::Even, SerialDataBits::Eight, SerialStopBits::One),
+        (SerialParity::Odd, SerialDataBits::Seven, SerialStopBits::Two),
+        (SerialParity::None, SerialDataBits::Six, SerialStopBits::One),
+        (SerialParity::Even, SerialDataBits::Five, SerialStopBits::Two),
+    ];
+    let wanted = [
+        (Parity::Even, DataBits::Eight, StopBits::One),
+        (Parity::Odd, DataBits::Seven, StopBits::Two),
+        (Parity::None, DataBits::Six, StopBits::One),
+        (Parity::Even, DataBits::Five, StopBits::Two),
+    ];
+    for ((parity, data_bits, stop_bits), (p, d, s)) in cases.into_iter().zip(wanted) {
+        settings.parity = parity;
+        settings.data_bits = data_bits;
+        settings.stop_bits = stop_bits;
+        assert_eq!(serial::builder(&settings), expected(p, d, s), "{parity:?} {data_bits:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_pty_opens_with_even_parity_and_keeps_the_stop_bits() {
+    // Linux ptys force 8 data bits and no parity (pty_set_termios), so only the stop bits can
+    // be read back; the open itself must succeed with any setting.
+    let (_master, path) = pty();
+    let mut settings = config(&path, SerialFraming::Frames, "{device}");
+    for stop_bits in [SerialStopBits::Two, SerialStopBits::One] {
+        settings.parity = SerialParity::Even;
+        settings.data_bits = SerialDataBits::Seven;
+        settings.stop_bits = stop_bits;
+        let port = serial::open(&settings).expect("a pty accepts 7E1 and 7E2");
+        let want = match stop_bits {
+            SerialStopBits::One => tokio_serial::StopBits::One,
+            SerialStopBits::Two => tokio_serial::StopBits::Two,
+        };
+        assert_eq!(port.stop_bits().unwrap(), want);
+    }
+}
+
+#[tokio::test]
+async fn a_source_configured_8e1_reads_its_device() {
+    let (mut master, path) = pty();
+    let mut settings = config(&path, SerialFraming::JsonLines, "default");
+    settings.parity = SerialParity::Even;
+    let mut source = Running::start(settings);
+    source.wait_until_open(&mut master, || JSON_PROBE.to_vec()).await;
+    master.write_all(b"{\"series\":\"meter\",\"value\":230.5}\n").await.unwrap();
+    let event = source.next().await;
+    assert_eq!((event.series.as_str(), event.value), ("meter", 230.5));
     source.stop().await;
 }
 

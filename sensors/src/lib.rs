@@ -9,6 +9,8 @@
 //! - [`sensor`]: the `Sensor` abstraction; a failed read becomes fault readings.
 //! - [`drivers`]: BME280 (temperature, humidity, pressure), ADXL345 (vibration RMS and peak),
 //!   INA219 (current, voltage, power), written from the datasheets for embedded-hal 1.0.
+//! - `sim` (feature `sim`, needs `std`): the simulated plant: deterministic signals with fault
+//!   episodes for the agent's simulated source, and simulated sensors for a firmware simulator.
 //! - [`record`]: the upstream batch format (alerts, summaries, gap records) that the agent
 //!   sends to cloud backends.
 #![no_std]
@@ -24,3 +26,5 @@ pub mod reading;
 #[cfg(feature = "alloc")]
 pub mod record;
 pub mod sensor;
+#[cfg(feature = "sim")]
+pub mod sim;

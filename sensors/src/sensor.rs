@@ -48,8 +48,16 @@ pub trait Sensor {
     /// What can go wrong talking to the device.
     type Error: SensorError;
 
-    /// The unit of each channel, indexed by channel number (at most [`MAX_CHANNELS`]).
+    /// The unit of each channel, indexed by channel number (at most [`MAX_CHANNELS`]), for
+    /// drivers whose layout is fixed by the chip.
     const CHANNELS: &'static [Unit];
+
+    /// The channel layout of this device. [`Self::CHANNELS`] unless the layout depends on the
+    /// instance (a simulated sensor's kind, a configurable ADC): then override this, and
+    /// everything that needs the layout ([`read_or_fault`], the firmware) asks here.
+    fn channels(&self) -> &'static [Unit] {
+        Self::CHANNELS
+    }
 
     /// Checks the device's identity and configures it. Call once before reading, and again
     /// after a fault if the device may have reset.
@@ -74,7 +82,7 @@ pub fn fault_readings(channels: &[Unit], code: FaultCode) -> Readings {
 pub fn read_or_fault<S: Sensor>(sensor: &mut S, delay: &mut impl DelayNs) -> Readings {
     match sensor.read(delay) {
         Ok(readings) => readings,
-        Err(error) => fault_readings(S::CHANNELS, error.fault_code()),
+        Err(error) => fault_readings(sensor.channels(), error.fault_code()),
     }
 }
 

@@ -2,21 +2,21 @@
 //! ([`sensors::frame`]) or plain JSON / CSV lines.
 //!
 //! ```text
-//! device ──bytes──▶ SerialStream ──chunk──▶ Framer (pure) ──Outcome──┬─ Reading ──Ingest──▶ journal
-//!   ▲                  │                                              ├─ Reject  ──metrics.reject + rate-limited log
-//!   │ replug           │ EOF / EIO / open error                       └─ Lost    ──metrics.reject("lost_frames") × n
-//!   └──── Backoff ◀────┘
+//! device ──bytes──▶ SerialStream ──chunk──▶ Framer (pure) ──Outcome──┬─ Reading   ──Ingest──▶ journal
+//!   ▲                  │                    SeqTracker +             ├─ Reject    ──metrics.reject + rate-limited log
+//!   │ replug           │ EOF / EIO /        TickClock per device     ├─ Lost      ──metrics.lost_frames + rate-limited log
+//!   └──── Backoff ◀────┘ open error                                  └─ Restarted ──metrics.device_restarted + rate-limited log
 //! ```
 //!
 //! # Lifecycle
 //!
-//! `run` loops: open the device → read chunks until EOF or an I/O error → sleep a
-//! [`Backoff`] delay → open again, until `cancel`. A USB unplug shows up as EIO (or EOF) on
-//! the open port and then as open errors (the node is gone) until the device is back, so the
-//! agent survives unplug/replug without a restart. Configure a stable path such as
-//! `/dev/serial/by-id/...`: it follows the device to whatever `ttyUSBn` it gets. Transitions
-//! (opened, gone, cannot open) are logged once per state change, not per retry. The backoff is
-//! reset by every successful open.
+//! `run` loops: open the device ([`open`]: baud, parity, data and stop bits from the config)
+//! → read chunks until EOF or an I/O error → sleep a [`Backoff`] delay → open again, until
+//! `cancel`. A USB unplug shows up as EIO (or EOF) on the open port and then as open errors
+//! (the node is gone) until the device is back, so the agent survives unplug/replug without a
+//! restart. Configure a stable path such as `/dev/serial/by-id/...`: it follows the device to
+//! whatever `ttyUSBn` it gets. Transitions (opened, gone, cannot open) are logged once per
+//! state change, not per retry. The backoff is reset by every successful open.
 //!
 //! # Framings
 //!
@@ -25,27 +25,51 @@
 //!   is counted as `sensor_fault` (with its series in the log) and gives no event. Frame
 //!   errors are counted by cause (`frame_crc`, `frame_cobs`, `frame_oversize`, ...). The
 //!   decoder is reset on every reopen, so a partial frame from before an unplug cannot glue
-//!   itself to the first frame after it.
+//!   itself to the first frame after it. At most [`MAX_DEVICES`] device ids are tracked per
+//!   port; frames of further devices are rejected as `device_limit`.
 //! - `json_lines` / `csv_lines`: lines up to [`MAX_LINE`] bytes; a longer line is one
 //!   `line_too_long` reject and is skipped up to its newline. Empty lines are ignored.
 //!
 //! # Time
 //!
-//! Devices have no clock: a frame carries only the device's uptime tick. Every reading gets
-//! the gateway receive time as `ts_ms` (the time its chunk was read), and the tick is used
-//! only to tell a device restart (tick went backwards) from lost frames. The error of this
-//! mapping is the serial latency plus the device's sampling-to-send delay, a few ms at
-//! 115200 baud; reconstructing device time from ticks would add drift and restart ambiguity
-//! for no gain at our window sizes. Lines may carry their own timestamp (`ts`), else they get
-//! the receive time too.
+//! Devices have no wall clock: a frame carries the device's uptime tick (`u32` ms, wraps after
+//! ~49.7 days). A [`TickClock`] per device maps it to event time, so that readings the
+//! device buffered and sent in a burst (after a USB hiccup, say) keep their real spacing
+//! instead of all getting the time their chunk was read:
+//!
+//! ```text
+//! extended  = previous extended + (tick − previous tick)   wrapping u32 difference
+//! candidate = receive_ms − extended                        this frame's latency, plus a constant
+//! offset    = min(candidate, offset + 1 ms per second of tick)
+//! ts_ms     = extended + offset                            ≤ receive_ms, always
+//! ```
+//!
+//! - The offset is a minimum filter: the frame with the least latency is the best anchor, and
+//!   a delayed frame (or a delayed burst) cannot pull it up.
+//! - It may rise by at most [`MAX_OFFSET_RISE_PPM`] of elapsed tick (1 ms per s). That follows
+//!   a device crystal running slow (±50 ppm is 0.18 s an hour) and lets the anchor recover
+//!   from a latency dip, but a burst delayed by `d` moves it by only `d / 1000`.
+//! - A crystal running fast, or the gateway clock stepping back, lowers the candidate: the
+//!   minimum follows at once, so a mapped time is never later than its receive time.
+//! - Re-anchor (`offset = candidate`, `ts_ms = receive_ms`) on the first frame of a device,
+//!   when its tick went backwards (a restart), and when the mapped time falls more than
+//!   [`MAX_CLOCK_LAG_MS`] behind the receive time: the gateway clock stepped forward (NTP
+//!   after boot on a Pi without RTC), the device stalled, or a restart that looked like a
+//!   forward jump. A burst delayed by more than that bound therefore gets receive times.
+//!
+//! The error of the mapping is the least latency seen (a few ms at 115200 baud) plus the
+//! device's sampling-to-send delay. Lines may carry their own timestamp (`ts`), else they get
+//! the receive time.
 //!
 //! # Sequence tracking
 //!
 //! Per device id ([`SeqTracker`]): `seq == last + 1` (wrapping) is in order; a tick that went
-//! backwards means the device restarted (no loss counted: what it did not send is unknown);
-//! a forward gap of `n` counts `n` `lost_frames`; a gap above [`MAX_COUNTED_GAP`] is a
-//! `seq_jump` (counted once, tracking restarts from it); a sequence that went backwards
-//! while the tick went forward is a `stale_frame` and is dropped.
+//! backwards means the device restarted (counted in `device_restarts`, no loss counted: what
+//! it did not send is unknown); a forward gap of `n` counts `n` `lost_frames`; a gap above
+//! [`MAX_COUNTED_GAP`] is a `seq_jump` reject (counted once, tracking restarts from it); a
+//! sequence that went backwards while the tick went forward is a `stale_frame` reject and is
+//! dropped. Lost frames and restarts are device counters ([`Metrics::lost_frames`],
+//! [`Metrics::device_restarted`]), not rejected input: nothing bad arrived.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,12 +79,14 @@ use sensors::frame::{Decoder, Frame, FrameError};
 use sensors::reading::Quality;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
-use tokio_serial::SerialPortBuilderExt;
+use tokio_serial::{SerialPortBuilderExt, SerialStream};
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::{RejectLog, SourceError, send_or_cancel};
-use crate::config::{SerialFraming, SerialSourceConfig, TimestampUnit};
+use crate::config::{
+    SerialDataBits, SerialFraming, SerialParity, SerialSourceConfig, SerialStopBits, TimestampUnit,
+};
 use crate::event::{Event, Ingest, now_ms};
 use crate::metrics::Metrics;
 use crate::recording::parse_timestamp;
@@ -77,6 +103,24 @@ pub const MAX_COUNTED_GAP: u32 = 10_000;
 
 /// Bytes read from the port at once: a few frames; the pty/USB driver buffers the rest.
 const READ_CHUNK: usize = 1024;
+
+/// Device ids tracked per port (sequence and clock state, a few dozen bytes each). An RS-485
+/// segment holds at most 32 unit loads (247 Modbus addresses with 1/8-load transceivers), so
+/// 256 is more than one port can carry; frames of a further device are `device_limit` rejects
+/// rather than state that grows with whatever ids a faulty device invents.
+pub const MAX_DEVICES: usize = 256;
+
+/// How far a mapped device time may fall behind its receive time before the [`TickClock`]
+/// re-anchors. Above any latency of a healthy link (ms) and a USB re-enumeration hiccup
+/// (hundreds of ms), so bursts after those keep their spacing; well below what the processor's
+/// lateness allowance tolerates, so a gateway clock step or a stalled device cannot make a
+/// device's events late.
+pub const MAX_CLOCK_LAG_MS: i64 = 2_000;
+
+/// The fastest the [`TickClock`] offset may rise, in ppm of elapsed tick: 1000 ppm (1 ms per
+/// s). Twenty times the ±50 ppm of a plain crystal, so a slow device is followed with room to
+/// spare, yet a burst delayed by 500 ms moves the anchor by only 0.5 ms.
+pub const MAX_OFFSET_RISE_PPM: i64 = 1_000;
 
 /// What the pure decoding step produced for one chunk of bytes, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,7 +148,7 @@ pub enum Outcome {
         /// Frames missing.
         count: u32,
     },
-    /// A device restarted (its tick went backwards); only logged.
+    /// A device restarted (its tick went backwards): counted and logged.
     Restarted {
         /// Device id.
         device: u32,
@@ -203,6 +247,21 @@ pub enum SeqVerdict {
 }
 
 impl SeqTracker {
+    /// Whether `device` has been seen.
+    pub fn knows(&self, device: u32) -> bool {
+        self.devices.contains_key(&device)
+    }
+
+    /// How many devices have been seen.
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Whether no device has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
     /// Records a frame's `seq` and `tick` for `device`.
     pub fn observe(&mut self, device: u32, seq: u32, tick: u32) -> SeqVerdict {
         let Some(last) = self.devices.get_mut(&device) else {
@@ -228,6 +287,64 @@ impl SeqTracker {
         };
         *last = DeviceSeq { seq, tick };
         verdict
+    }
+}
+
+/// Maps one device's uptime ticks to gateway time (the rule is in the module docs, § Time).
+/// Pure: the receive time is passed in.
+#[derive(Debug, Clone, Default)]
+pub struct TickClock {
+    anchor: Option<Anchor>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Anchor {
+    /// The last tick seen.
+    tick: u32,
+    /// The tick extended past its wraps, ms since this anchor's first tick plus that tick.
+    extended: i64,
+    /// Receive time minus extended tick, µs: the slow rise is 1 µs per tick ms, so it needs
+    /// µs to add up over frames a few ms apart.
+    offset_us: i64,
+}
+
+impl TickClock {
+    /// The event time (ms since the epoch) of a frame with `tick` received at `received_ms`;
+    /// never later than `received_ms`.
+    pub fn map(&mut self, tick: u32, received_ms: i64) -> i64 {
+        let Some(anchor) = &mut self.anchor else {
+            self.anchor = Some(Anchor::new(tick, received_ms));
+            return received_ms;
+        };
+        // Signed wrapping difference: a wrap is a small step forward, a restart a step back.
+        let step = i64::from(tick.wrapping_sub(anchor.tick) as i32);
+        if step < 0 {
+            *anchor = Anchor::new(tick, received_ms);
+            return received_ms;
+        }
+        anchor.tick = tick;
+        anchor.extended += step;
+        let candidate_us = received_ms.saturating_sub(anchor.extended).saturating_mul(1000);
+        let rise_us = step * MAX_OFFSET_RISE_PPM / 1000;
+        anchor.offset_us = candidate_us.min(anchor.offset_us.saturating_add(rise_us));
+        // The candidate is a whole number of ms, so flooring keeps ts <= received_ms.
+        let ts_ms = anchor.extended.saturating_add(anchor.offset_us.div_euclid(1000));
+        if received_ms.saturating_sub(ts_ms) > MAX_CLOCK_LAG_MS {
+            *anchor = Anchor::new(tick, received_ms);
+            return received_ms;
+        }
+        ts_ms
+    }
+}
+
+impl Anchor {
+    fn new(tick: u32, received_ms: i64) -> Anchor {
+        let extended = i64::from(tick);
+        Anchor {
+            tick,
+            extended,
+            offset_us: received_ms.saturating_sub(extended).saturating_mul(1000),
+        }
     }
 }
 
@@ -277,9 +394,20 @@ pub struct Framer {
 
 #[derive(Debug)]
 enum FramerKind {
-    Frames { decoder: Decoder, seq: SeqTracker, template: SeriesTemplate },
-    Json { lines: LineSplitter, default_series: String },
-    Csv { lines: LineSplitter, default_series: String },
+    Frames {
+        decoder: Decoder,
+        seq: SeqTracker,
+        clocks: BTreeMap<u32, TickClock>,
+        template: SeriesTemplate,
+    },
+    Json {
+        lines: LineSplitter,
+        default_series: String,
+    },
+    Csv {
+        lines: LineSplitter,
+        default_series: String,
+    },
 }
 
 impl Framer {
@@ -289,6 +417,7 @@ impl Framer {
             SerialFraming::Frames => FramerKind::Frames {
                 decoder: Decoder::new(),
                 seq: SeqTracker::default(),
+                clocks: BTreeMap::new(),
                 template: SeriesTemplate::parse(&config.series)?,
             },
             SerialFraming::JsonLines => FramerKind::Json {
@@ -303,8 +432,8 @@ impl Framer {
         Ok(Framer { kind })
     }
 
-    /// Forgets partial input (the device was reopened). Sequence state is kept: lost frames
-    /// across an unplug are still lost frames.
+    /// Forgets partial input (the device was reopened). Sequence and clock state are kept:
+    /// lost frames across an unplug are still lost frames, and the device's tick went on.
     pub fn reset(&mut self) {
         match &mut self.kind {
             FramerKind::Frames { decoder, .. } => decoder.reset(),
@@ -315,10 +444,12 @@ impl Framer {
     /// Decodes a chunk received at `received_ms`, appending to `out`.
     pub fn push(&mut self, bytes: &[u8], received_ms: i64, out: &mut Vec<Outcome>) {
         match &mut self.kind {
-            FramerKind::Frames { decoder, seq, template } => {
+            FramerKind::Frames { decoder, seq, clocks, template } => {
                 for result in decoder.push(bytes) {
                     match result {
-                        Ok(frame) => frame_outcomes(&frame, seq, template, received_ms, out),
+                        Ok(frame) => {
+                            frame_outcomes(&frame, seq, clocks, template, received_ms, out)
+                        }
                         Err(e) => out.push(Outcome::Reject {
                             cause: frame_cause(&e),
                             reason: e.to_string(),
@@ -402,11 +533,19 @@ fn reading(series: String, value: f64, ts_ms: i64) -> Result<Outcome, (&'static 
 fn frame_outcomes(
     frame: &Frame,
     seq: &mut SeqTracker,
+    clocks: &mut BTreeMap<u32, TickClock>,
     template: &SeriesTemplate,
     received_ms: i64,
     out: &mut Vec<Outcome>,
 ) {
     let device = frame.device_id;
+    if !seq.knows(device) && seq.len() >= MAX_DEVICES {
+        out.push(Outcome::Reject {
+            cause: "device_limit",
+            reason: format!("device {device}: already tracking {MAX_DEVICES} devices"),
+        });
+        return;
+    }
     match seq.observe(device, frame.seq, frame.device_tick_ms) {
         SeqVerdict::InOrder => {}
         SeqVerdict::Restarted => out.push(Outcome::Restarted { device }),
@@ -423,13 +562,14 @@ fn frame_outcomes(
             return;
         }
     }
+    let ts_ms = clocks.entry(device).or_default().map(frame.device_tick_ms, received_ms);
     for r in &frame.readings {
         let series = template.render(device, r.channel, r.unit);
         match r.quality {
             Quality::Good | Quality::Uncertain => {
                 let value = f64::from(r.value);
                 out.push(
-                    reading(series, value, received_ms)
+                    reading(series, value, ts_ms)
                         .unwrap_or_else(|(cause, reason)| Outcome::Reject { cause, reason }),
                 );
             }
@@ -452,6 +592,44 @@ fn frame_cause(e: &FrameError) -> &'static str {
         FrameError::Empty => "frame_empty",
         FrameError::TrailingBytes(_) => "frame_trailing",
         _ => "frame_other",
+    }
+}
+
+/// The port settings of `config`: path, baud rate, parity, data and stop bits (no flow
+/// control, as the builder's default).
+pub fn builder(config: &SerialSourceConfig) -> tokio_serial::SerialPortBuilder {
+    tokio_serial::new(config.path.display().to_string(), config.baud)
+        .parity(parity(config.parity))
+        .data_bits(data_bits(config.data_bits))
+        .stop_bits(stop_bits(config.stop_bits))
+}
+
+/// Opens the device of `config` with its [`builder`] settings.
+pub fn open(config: &SerialSourceConfig) -> tokio_serial::Result<SerialStream> {
+    builder(config).open_native_async()
+}
+
+fn parity(parity: SerialParity) -> tokio_serial::Parity {
+    match parity {
+        SerialParity::None => tokio_serial::Parity::None,
+        SerialParity::Even => tokio_serial::Parity::Even,
+        SerialParity::Odd => tokio_serial::Parity::Odd,
+    }
+}
+
+fn data_bits(bits: SerialDataBits) -> tokio_serial::DataBits {
+    match bits {
+        SerialDataBits::Five => tokio_serial::DataBits::Five,
+        SerialDataBits::Six => tokio_serial::DataBits::Six,
+        SerialDataBits::Seven => tokio_serial::DataBits::Seven,
+        SerialDataBits::Eight => tokio_serial::DataBits::Eight,
+    }
+}
+
+fn stop_bits(bits: SerialStopBits) -> tokio_serial::StopBits {
+    match bits {
+        SerialStopBits::One => tokio_serial::StopBits::One,
+        SerialStopBits::Two => tokio_serial::StopBits::Two,
     }
 }
 
@@ -500,7 +678,7 @@ impl Port<'_> {
         let mut down = false;
         let mut buf = [0u8; READ_CHUNK];
         while !cancel.is_cancelled() {
-            match tokio_serial::new(path.as_str(), self.config.baud).open_native_async() {
+            match open(self.config) {
                 Ok(mut stream) => {
                     tracing::info!(source = %name, %path, "serial device opened");
                     backoff.reset();
@@ -573,15 +751,23 @@ impl Port<'_> {
                     }
                 }
                 Outcome::Lost { device, count } => {
-                    for _ in 0..count {
-                        self.metrics.reject(name, "lost_frames");
-                    }
+                    self.metrics.lost_frames(name, u64::from(count));
                     if let Some(suppressed) = self.reject_log.admit("lost_frames", Instant::now()) {
                         tracing::warn!(source = %name, device, count, suppressed, "frames lost");
                     }
                 }
                 Outcome::Restarted { device } => {
-                    tracing::info!(source = %name, device, "device restarted (its tick went back)");
+                    self.metrics.device_restarted(name);
+                    if let Some(suppressed) =
+                        self.reject_log.admit("device_restart", Instant::now())
+                    {
+                        tracing::info!(
+                            source = %name,
+                            device,
+                            suppressed,
+                            "device restarted (its tick went back)"
+                        );
+                    }
                 }
             }
         }
@@ -797,5 +983,200 @@ mod tests {
         let template = SeriesTemplate::parse("dev-{device}/{unit}").unwrap();
         let series = template.render(7, 0, sensors::reading::Unit::MillimetrePerSecond);
         assert_eq!(series, "dev-7/mm_s");
+    }
+
+    /// A fixed gateway time in ms, so tests read as offsets from it.
+    const R0: i64 = 1_700_000_000_000;
+
+    /// Maps `(tick, received_ms)` pairs, checking the invariant that holds for every frame.
+    fn map_all(clock: &mut TickClock, frames: &[(u32, i64)]) -> Vec<i64> {
+        frames
+            .iter()
+            .map(|&(tick, received)| {
+                let ts = clock.map(tick, received);
+                assert!(ts <= received, "tick {tick}: ts {ts} after receive time {received}");
+                assert!(received - ts <= MAX_CLOCK_LAG_MS, "tick {tick}: {ts} vs {received}");
+                ts
+            })
+            .collect()
+    }
+
+    /// Latency jitter: 5 to 15 ms, the minimum 5 ms once every 11 frames, first at `k = 8`.
+    fn latency(k: i64) -> i64 {
+        5 + (k + 3) * 7 % 11
+    }
+
+    #[test]
+    fn a_steady_stream_is_mapped_by_tick_plus_the_least_latency_offset() {
+        let mut clock = TickClock::default();
+        // Constant latency: exactly tick + offset.
+        let frames: Vec<(u32, i64)> =
+            (0..100).map(|k| (5_000 + 100 * k as u32, R0 + 100 * k + 8)).collect();
+        let ts = map_all(&mut clock, &frames);
+        assert!(ts.iter().enumerate().all(|(k, &t)| t == R0 + 100 * k as i64 + 8), "{ts:?}");
+
+        // Jitter: after the first least-latency frame, the anchor is that frame's latency, plus
+        // at most the slow rise (0.1 ms per 100 ms frame) since the last such frame.
+        let mut clock = TickClock::default();
+        let frames: Vec<(u32, i64)> =
+            (0..1_000).map(|k| (5_000 + 100 * k as u32, R0 + 100 * k + latency(k))).collect();
+        let ts = map_all(&mut clock, &frames);
+        for (k, &t) in ts.iter().enumerate().skip(8) {
+            let error = t - (R0 + 100 * k as i64 + 5);
+            assert!((0..=1).contains(&error), "frame {k}: off by {error} ms");
+        }
+    }
+
+    #[test]
+    fn a_delayed_burst_keeps_the_spacing_of_its_ticks() {
+        let mut clock = TickClock::default();
+        let steady: Vec<(u32, i64)> = (0..50).map(|k| (100 * k as u32, R0 + 100 * k + 5)).collect();
+        map_all(&mut clock, &steady);
+        // Frames 50..60 sent at their time but held up: they all arrive 500 ms after the last.
+        let arrival = R0 + 100 * 59 + 500;
+        let burst: Vec<(u32, i64)> = (50..60).map(|k| (100 * k as u32, arrival)).collect();
+        let ts = map_all(&mut clock, &burst);
+        for (i, &t) in ts.iter().enumerate() {
+            let k = 50 + i as i64;
+            // The offset rose by 0.1 ms per frame at most: within 1 ms of the real time.
+            let error = t - (R0 + 100 * k + 5);
+            assert!((0..=1).contains(&error), "frame {k}: off by {error} ms: {ts:?}");
+        }
+        for pair in ts.windows(2) {
+            assert!((100..=101).contains(&(pair[1] - pair[0])), "{ts:?}");
+        }
+        // The next timely frame is back on the least-latency anchor.
+        assert_eq!(clock.map(6_000, R0 + 6_005), R0 + 6_005);
+    }
+
+    #[test]
+    fn a_slow_or_fast_crystal_is_followed_for_an_hour() {
+        for ppm in [-50, 50] {
+            let mut clock = TickClock::default();
+            // A frame every 100 ms of gateway time for an hour; the device's tick runs off by
+            // `ppm` (0.18 s after the hour).
+            let frames: Vec<(u32, i64)> = (0..36_000)
+                .map(|k: i64| {
+                    let tick = 100 * k * (1_000_000 + ppm) / 1_000_000;
+                    (tick as u32, R0 + 100 * k + latency(k))
+                })
+                .collect();
+            assert!((frames[35_999].0 as i64 - 3_599_900).abs() >= 179, "the drift is real");
+            let ts = map_all(&mut clock, &frames);
+            for (k, &t) in ts.iter().enumerate().skip(8) {
+                let error = t - (R0 + 100 * k as i64 + 5);
+                assert!((-1..=2).contains(&error), "{ppm} ppm, frame {k}: off by {error} ms");
+            }
+        }
+    }
+
+    #[test]
+    fn a_restart_re_anchors_at_the_receive_time() {
+        let mut clock = TickClock::default();
+        let before: Vec<(u32, i64)> =
+            (0..10).map(|k| (1_000_000 + 100 * k as u32, R0 + 100 * k + 5)).collect();
+        map_all(&mut clock, &before);
+        // The device restarts: its tick starts over; the first frame comes 3 s later.
+        let restart = R0 + 4_000;
+        let ts = map_all(&mut clock, &[(40, restart), (140, restart + 100), (240, restart + 250)]);
+        assert_eq!(ts, vec![restart, restart + 100, restart + 200], "spaced by ticks again");
+
+        // A restart soon after boot: the tick goes back only a little, and the first frame
+        // after it comes 200 ms after the last one before.
+        let mut clock = TickClock::default();
+        map_all(&mut clock, &[(1_400, R0 + 5), (1_500, R0 + 105)]);
+        assert_eq!(map_all(&mut clock, &[(40, R0 + 305)]), vec![R0 + 305]);
+    }
+
+    #[test]
+    fn a_tick_that_wraps_keeps_counting_forward() {
+        let mut clock = TickClock::default();
+        let start = u32::MAX - 250;
+        let tick = |k: i64| start.wrapping_add(100 * k as u32);
+        map_all(&mut clock, &[(tick(0), R0 + 7), (tick(1), R0 + 107), (tick(2), R0 + 207)]);
+        assert!(tick(3) < tick(2), "the tick wraps next");
+        // The frames across the wrap arrive together, 300 ms late: spaced by their ticks, not
+        // re-anchored as if the device had restarted.
+        let arrival = R0 + 607;
+        let ts = map_all(&mut clock, &[(tick(3), arrival), (tick(4), arrival), (tick(5), arrival)]);
+        assert_eq!(ts, vec![R0 + 307, R0 + 407, R0 + 507]);
+    }
+
+    #[test]
+    fn gateway_clock_steps_and_stalls_re_anchor_within_the_bound() {
+        let mut clock = TickClock::default();
+        map_all(&mut clock, &[(0, R0 + 5), (100, R0 + 105)]);
+        // The gateway clock steps back 10 s: followed at once, never in the future.
+        let back = R0 - 10_000;
+        assert_eq!(map_all(&mut clock, &[(200, back + 205)]), vec![back + 205]);
+        assert_eq!(map_all(&mut clock, &[(300, back + 305)]), vec![back + 305]);
+        // It steps forward an hour (NTP after boot): re-anchored, not an hour late.
+        let ahead = back + 3_600_000;
+        assert_eq!(map_all(&mut clock, &[(400, ahead + 405)]), vec![ahead + 405]);
+        assert_eq!(map_all(&mut clock, &[(500, ahead + 505)]), vec![ahead + 505]);
+        // The device stalls 5 s and sends what it had: beyond the bound, receive times.
+        let late = ahead + 505 + 100 + 5_000;
+        let ts = map_all(&mut clock, &[(600, late), (700, late)]);
+        assert_eq!(ts, vec![late, late]);
+    }
+
+    #[test]
+    fn mapped_time_never_passes_receive_time_whatever_the_input() {
+        // xorshift: arbitrary ticks (forward, backward, wrapping) and latencies.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut clock = TickClock::default();
+        let (mut tick, mut received) = (0u32, R0);
+        for _ in 0..100_000 {
+            let r = next();
+            tick = match r % 10 {
+                0 => r as u32,
+                1 => tick.wrapping_sub((r >> 8) as u32 % 1_000),
+                _ => tick.wrapping_add((r >> 8) as u32 % 1_000),
+            };
+            received += ((r >> 40) % 2_000) as i64 - 200;
+            map_all(&mut clock, &[(tick, received)]);
+        }
+    }
+
+    #[test]
+    fn frames_read_in_one_chunk_keep_the_spacing_of_their_ticks() {
+        let mut f = Framer::new(&config(SerialFraming::Frames, "{device}")).unwrap();
+        let volts = |v| [ChannelReading::good(0, Unit::Volt, v)];
+        let mut out = Vec::new();
+        f.push(&frame(4, 1, 1_000, &volts(1.0)), R0, &mut out);
+        let mut burst = frame(4, 2, 1_100, &volts(2.0));
+        burst.extend(frame(4, 3, 1_200, &volts(3.0)));
+        burst.extend(frame(4, 4, 1_300, &volts(4.0)));
+        f.push(&burst, R0 + 800, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                reading_at("4", 1.0, R0),
+                reading_at("4", 2.0, R0 + 100),
+                reading_at("4", 3.0, R0 + 200),
+                reading_at("4", 4.0, R0 + 300),
+            ]
+        );
+    }
+
+    #[test]
+    fn frames_of_more_devices_than_the_cap_are_rejected() {
+        let mut f = Framer::new(&config(SerialFraming::Frames, "{device}")).unwrap();
+        let volts = [ChannelReading::good(0, Unit::Volt, 1.0)];
+        let mut bytes = Vec::new();
+        for device in 0..=MAX_DEVICES as u32 {
+            bytes.extend(frame(device, 1, 10, &volts));
+        }
+        bytes.extend(frame(0, 2, 20, &volts));
+        let out = push(&mut f, &bytes);
+        assert_eq!(causes(&out), vec!["device_limit"]);
+        let readings = out.iter().filter(|o| matches!(o, Outcome::Reading { .. })).count();
+        assert_eq!(readings, MAX_DEVICES + 1, "known devices still get through");
     }
 }
