@@ -24,17 +24,25 @@ pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Locates the `edgewise` binary; panics with a hint when it is missing.
 pub fn edgewise_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("EDGEWISE_BIN") {
+    workspace_bin("edgewise", "EDGEWISE_BIN", "edgewise")
+}
+
+/// Locates the binary `name` of the workspace package `package`: `$env_var` if set, else next
+/// to this test's own executable. Panics with a hint when it is missing.
+pub fn workspace_bin(name: &str, env_var: &str, package: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env_var) {
         let path = PathBuf::from(path);
-        assert!(path.is_file(), "EDGEWISE_BIN={} does not exist", path.display());
+        assert!(path.is_file(), "{env_var}={} does not exist", path.display());
         return path;
     }
     let exe = std::env::current_exe().expect("current_exe");
     let mut candidates = Vec::new();
     for dir in exe.ancestors().skip(1) {
-        let candidate = dir.join("edgewise");
+        let candidate = dir.join(name);
         if candidate.is_file() {
-            warn_if_stale(&candidate);
+            if package == "edgewise" {
+                warn_if_stale(&candidate);
+            }
             return candidate;
         }
         candidates.push(candidate);
@@ -43,8 +51,8 @@ pub fn edgewise_bin() -> PathBuf {
         }
     }
     panic!(
-        "the edgewise binary is missing; build it first: cargo build -p edgewise \
-         (looked at {candidates:?}; or set EDGEWISE_BIN)"
+        "the {name} binary is missing; build it first: cargo build -p {package} \
+         (looked at {candidates:?}; or set {env_var})"
     );
 }
 

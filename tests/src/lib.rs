@@ -4,6 +4,7 @@
 //! - [`Mosquitto`]: a broker per test on a free port, with persistence (restartable).
 //! - [`Receiver`]: an HTTP upstream that decodes and checks every batch, and can go down.
 //! - [`Agent`]: the `edgewise` binary, killable with SIGKILL or stopped with SIGTERM.
+//! - [`FirmwareSim`]: the `firmware-sim` binary writing device frames into a pseudo-terminal.
 //! - [`Publisher`]: an MQTT client that publishes and waits for every PUBACK.
 //! - [`AgentConfig`]: the agent's TOML, tuned for fast tests.
 //! - [`expect`]: expected summaries computed from what a test published.
@@ -15,14 +16,16 @@
 
 pub mod agent;
 pub mod config;
+pub mod device;
 pub mod expect;
 pub mod mosquitto;
 pub mod publisher;
 pub mod receiver;
 pub mod wait;
 
-pub use agent::{Agent, edgewise_bin};
+pub use agent::{Agent, edgewise_bin, workspace_bin};
 pub use config::AgentConfig;
+pub use device::{FirmwareSim, firmware_sim_bin, last_line_fields, link_exists};
 pub use expect::{
     ExpectedAlert, ExpectedSummary, Reading, compare_alerts, compare_summaries, expected_summaries,
     expected_threshold_alerts, window_start,
