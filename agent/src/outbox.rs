@@ -72,8 +72,10 @@ use crate::event;
 use crate::metrics::Metrics;
 use crate::store::{Store, TREE_DEAD_LETTER, TREE_OUTBOX};
 
-/// Version byte that leads every outbox and dead-letter value.
-const VALUE_VERSION: u8 = 1;
+/// Version byte that leads every outbox and dead-letter value. 2: batch format 2 (summaries
+/// carry `windows`, gaps `events`); a value of version 1 is undecodable and handled like any
+/// corrupt value.
+const VALUE_VERSION: u8 = 2;
 /// First byte of the per-lane metadata keys; sorts after every lane tag.
 const META_PREFIX: u8 = 0xFF;
 /// Second byte of the `next_seq` key.
@@ -569,7 +571,7 @@ impl Outbox {
             let (key, value) = item.map_err(OutboxError::sled("scan for eviction"))?;
             let Some((_, seq)) = decode_record_key(&key) else { continue };
             let size = (key.len() + value.len()) as u64;
-            let time = match decode_record(&value) {
+            let (time, events) = match decode_record(&value) {
                 Ok(Record { body: RecordBody::Gap(gap), .. }) => {
                     // Gaps are never evicted; ours may absorb the evictions that follow it.
                     current_gap = (gap.reason == GAP_REASON_OUTBOX_FULL).then_some(seq);
@@ -578,10 +580,10 @@ impl Outbox {
                     }
                     continue;
                 }
-                Ok(Record { body: RecordBody::Summary(s), .. }) => Some(s.start_ms),
-                Ok(Record { body: RecordBody::Alert(a), .. }) => Some(a.ts_ms),
+                Ok(Record { body: RecordBody::Summary(s), .. }) => (Some(s.start_ms), s.count),
+                Ok(Record { body: RecordBody::Alert(a), .. }) => (Some(a.ts_ms), 0),
                 // An undecodable record is evicted like any other, its time unknown.
-                Err(_) => None,
+                Err(_) => (None, 0),
             };
             removed.push(seq);
             total -= size;
@@ -603,6 +605,7 @@ impl Outbox {
                         from_ms: None,
                         to_ms: None,
                         reason: GAP_REASON_OUTBOX_FULL.to_string(),
+                        events: 0,
                     };
                     gaps.insert(seq, GapEdit { gap, size: 0, is_new: true, changed: false });
                     current_gap = Some(seq);
@@ -613,6 +616,7 @@ impl Outbox {
                 unreachable!("the current gap was inserted above")
             };
             extend_gap(&mut edit.gap, seq, time);
+            edit.gap.events += events;
             edit.changed = true;
             let new_size =
                 (RECORD_KEY_LEN + self.encode_gap(lane, gap_seq, &edit.gap)?.len()) as u64;
@@ -751,6 +755,7 @@ mod tests {
             stddev: 0.8,
             first: 1.0,
             last: 3.0,
+            windows: 1,
         })
     }
 
@@ -960,6 +965,7 @@ mod tests {
             from_ms: Some(0),
             to_ms: Some(0),
             reason: GAP_REASON_OUTBOX_FULL.into(),
+            events: 0,
         });
         let gap_size = size(&probe_store, Lane::Summaries, 0, &one_gap);
         let summary_size = size(&probe_store, Lane::Summaries, 0, &summary(0));

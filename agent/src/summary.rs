@@ -156,6 +156,7 @@ impl Window {
             stddev: (self.m2 / self.count as f64).max(0.0).sqrt(),
             first: self.first,
             last: self.last,
+            windows: 1,
         }
     }
 }
@@ -396,6 +397,7 @@ mod tests {
                 stddev: 2.0,
                 first: 2.0,
                 last: 9.0,
+                windows: 1,
             }]
         );
     }

@@ -19,7 +19,7 @@ use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 
 /// Version of the batch format. Bump it for any change of a field or record kind.
-pub const BATCH_FORMAT_VERSION: u8 = 1;
+pub const BATCH_FORMAT_VERSION: u8 = 2;
 
 /// An outbox lane. Lanes are drained in this order: alerts before summaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -173,6 +173,16 @@ pub struct Summary {
     pub first: f64,
     /// Value of the event with the latest timestamp.
     pub last: f64,
+    /// How many windows of the configured length this summary merges: 1 for a window as the
+    /// agent closed it; more when backlog compaction merged older summaries into one coarser
+    /// window (`window_ms` is then the coarse length). Format version 2; JSON without the key
+    /// decodes as 1.
+    #[serde(default = "one")]
+    pub windows: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Records that upstream will never receive, and why.
@@ -190,8 +200,14 @@ pub struct Gap {
     pub from_ms: Option<i64>,
     /// Latest event time covered by the lost records (ms), if known.
     pub to_ms: Option<i64>,
-    /// Why they were lost, e.g. `outbox_full`.
+    /// Why they were lost: `outbox_full` (evicted at the byte cap) or `expired` (older than
+    /// the lane's TTL).
     pub reason: String,
+    /// Events covered by the lost records: the sum of the lost summaries' counts (0 for lost
+    /// alerts), so that a backend can account for every event in a summary or a gap. Format
+    /// version 2; JSON without the key decodes as 0.
+    #[serde(default)]
+    pub events: u64,
 }
 
 /// The stable id of a record: `<agent>:<epoch hex>:<lane>:<seq>`.
@@ -267,6 +283,7 @@ mod tests {
                 stddev: 0.5,
                 first: 1.0,
                 last: 2.0,
+                windows: 1,
             }),
         };
         let json = serde_json::to_string(&record).unwrap();
@@ -274,5 +291,16 @@ mod tests {
         assert_eq!(serde_json::from_str::<Record>(&json).unwrap(), record);
         let bytes = postcard::to_stdvec(&record).unwrap();
         assert_eq!(postcard::from_bytes::<Record>(&bytes).unwrap(), record);
+        // Version 1 JSON (no `windows`) decodes as one window.
+        let v1 = json.replace(",\"windows\":1", "");
+        assert_ne!(v1, json);
+        assert_eq!(serde_json::from_str::<Record>(&v1).unwrap(), record);
+    }
+
+    #[test]
+    fn a_version_1_gap_decodes_with_no_events() {
+        let json = r#"{"lane":"summaries","first_seq":1,"last_seq":2,"records":2,"from_ms":null,"to_ms":null,"reason":"outbox_full"}"#;
+        let gap: Gap = serde_json::from_str(json).unwrap();
+        assert_eq!((gap.records, gap.events), (2, 0));
     }
 }

@@ -454,6 +454,7 @@ pub(crate) mod tests {
             stddev: 0.8,
             first: 1.0,
             last: 3.0,
+            windows: 1,
         })
     }
 

@@ -163,6 +163,7 @@ fn receiver_keeps_a_gap_apart_from_the_record_it_replaced() {
             stddev: 0.0,
             first: 1.0,
             last: 1.0,
+            windows: 1,
         }),
     };
     let gap = Record {
@@ -176,6 +177,7 @@ fn receiver_keeps_a_gap_apart_from_the_record_it_replaced() {
             from_ms: Some(2_000),
             to_ms: Some(3_000),
             reason: "outbox_full".into(),
+            events: 2,
         }),
     };
     let send = |records: Vec<Record>| {
