@@ -520,7 +520,8 @@ fn default_max_future() -> Duration {
     Duration::from_secs(300)
 }
 
-/// `[buffer]`
+/// `[buffer]`: the outbox and its policies for long outages (see `outbox`): per-lane TTLs,
+/// compaction of the summary backlog above a high-water mark, eviction at the cap.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BufferConfig {
@@ -531,16 +532,117 @@ pub struct BufferConfig {
     /// replaced by a gap record; alerts are evicted only when no summary is left.
     #[serde(default)]
     pub when_full: WhenFull,
+    /// Alerts whose event time is older than this (by the agent's clock) are dropped into
+    /// an `expired` gap record instead of being sent. A duration or `"off"`. Default `"off"`:
+    /// an alarm is worth delivering however late, and alerts are few.
+    #[serde(default, deserialize_with = "duration_or_off")]
+    pub alerts_ttl: Option<Duration>,
+    /// The same for summaries (a summary's event time is the end of its window). Default
+    /// 7 days: a backend rarely accepts data older than its week-long hot storage, and the
+    /// outbox is better spent on the recent past.
+    #[serde(default = "default_summaries_ttl", deserialize_with = "duration_or_off")]
+    pub summaries_ttl: Option<Duration>,
+    /// High-water mark, as a share of `max_bytes`, above which the oldest summaries are
+    /// merged into coarser windows (`compact_to`) before anything is evicted. `"NN%"` or
+    /// `"off"`. Default `"50%"`: compaction starts early enough that an outage of days is
+    /// bridged at a coarser resolution before the first gap.
+    #[serde(default = "default_compact_above", deserialize_with = "percent_or_off")]
+    pub compact_above: Option<Percent>,
+    /// Length of the coarse windows of compaction; a multiple of `summary.window` larger
+    /// than it. Default: the smallest such multiple that is at least 5 min (5 min for the
+    /// default 1 min windows).
+    #[serde(default, deserialize_with = "duration_or_off")]
+    pub compact_to: Option<Duration>,
 }
 
 impl Default for BufferConfig {
     fn default() -> Self {
-        Self { max_bytes: default_buffer_max_bytes(), when_full: WhenFull::default() }
+        Self {
+            max_bytes: default_buffer_max_bytes(),
+            when_full: WhenFull::default(),
+            alerts_ttl: None,
+            summaries_ttl: default_summaries_ttl(),
+            compact_above: default_compact_above(),
+            compact_to: None,
+        }
+    }
+}
+
+impl BufferConfig {
+    /// The configuration with every long-outage policy off (no TTL, no compaction): the
+    /// outbox only evicts at the cap.
+    pub fn without_policies(max_bytes: ByteSize) -> BufferConfig {
+        BufferConfig {
+            max_bytes,
+            alerts_ttl: None,
+            summaries_ttl: None,
+            compact_above: None,
+            ..BufferConfig::default()
+        }
     }
 }
 
 fn default_buffer_max_bytes() -> ByteSize {
     ByteSize(64 * 1024 * 1024)
+}
+fn default_summaries_ttl() -> Option<Duration> {
+    Some(Duration::from_secs(7 * 24 * 3600))
+}
+fn default_compact_above() -> Option<Percent> {
+    Some(Percent(50.0))
+}
+
+/// A share of a whole, written `"50%"` (more than 0, at most 100).
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Percent(pub f64);
+
+impl Percent {
+    /// Parses `"50%"`, `"12.5 %"`.
+    pub fn parse(text: &str) -> Result<Percent, String> {
+        let number = text.trim().strip_suffix('%').ok_or_else(|| {
+            format!("`{text}` is not a percentage; write e.g. \"50%\" (or \"off\")")
+        })?;
+        let value: f64 = number
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{text}` is not a percentage; write e.g. \"50%\""))?;
+        if !(value > 0.0 && value <= 100.0) {
+            return Err(format!("`{text}` must be more than 0% and at most 100%"));
+        }
+        Ok(Percent(value))
+    }
+
+    /// `part` of `whole`, rounded down.
+    pub fn of(self, whole: u64) -> u64 {
+        (whole as f64 * self.0 / 100.0) as u64
+    }
+}
+
+/// A humantime duration or `"off"` (`None`).
+fn duration_or_off<'de, D>(d: D) -> Result<Option<Duration>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(d)?;
+    if text.trim() == "off" {
+        return Ok(None);
+    }
+    humantime::parse_duration(text.trim()).map(Some).map_err(|e| {
+        let message = format!("`{text}` is not a duration ({e}); write e.g. \"7d\" or \"off\"");
+        serde::de::Error::custom(message)
+    })
+}
+
+/// `"NN%"` or `"off"` (`None`).
+fn percent_or_off<'de, D>(d: D) -> Result<Option<Percent>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(d)?;
+    if text.trim() == "off" {
+        return Ok(None);
+    }
+    Percent::parse(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
 /// Outbox policy at its byte cap.
@@ -560,6 +662,8 @@ pub enum UpstreamConfig {
     Http(HttpUpstreamConfig),
     /// Append batches as JSON lines to a local file (demos, air-gapped sites, debugging).
     File(FileUpstreamConfig),
+    /// Publish batches to an MQTT broker at QoS 1, one PUBACK per batch.
+    Mqtt(MqttUpstreamConfig),
 }
 
 impl UpstreamConfig {
@@ -568,6 +672,7 @@ impl UpstreamConfig {
         match self {
             UpstreamConfig::Http(c) => &c.batch,
             UpstreamConfig::File(c) => &c.batch,
+            UpstreamConfig::Mqtt(c) => &c.batch,
         }
     }
 }
@@ -581,6 +686,10 @@ pub struct HttpUpstreamConfig {
     /// Body compression: `zstd`, `gzip` or `none`. Default `zstd`.
     #[serde(default)]
     pub compression: Compression,
+    /// Body format: `json` (`application/json`) or `postcard` (the compact binary layout,
+    /// `application/x-edgewise-batch`; see `sensors::wire`). Default `json`.
+    #[serde(default)]
+    pub format: sensors::wire::Format,
     /// Whole-request timeout. Default 10 s.
     #[serde(default = "default_http_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -590,9 +699,242 @@ pub struct HttpUpstreamConfig {
     /// Longest retry delay (also caps `Retry-After`). Default 60 s.
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
+    /// `Authorization: Bearer` token read from this environment variable.
+    pub token_env: Option<String>,
+    /// `Authorization: Bearer` token read from this file (a trailing newline is dropped).
+    pub token_file: Option<PathBuf>,
+    /// `Authorization: Basic`: `basic = { username = "...", password_env = "..." }`.
+    pub basic: Option<BasicAuthConfig>,
+    /// `[upstream.tls]`: trust and client certificate for `https://` URLs. Default: the
+    /// system's trusted roots, no client certificate.
+    pub tls: Option<TlsConfig>,
     /// Batching.
     #[serde(default)]
     pub batch: BatchConfig,
+}
+
+impl HttpUpstreamConfig {
+    /// Where the bearer token comes from; `Ok(None)` without one, `Err` when both keys are set.
+    pub fn token_source(&self) -> Result<Option<SecretSource>, String> {
+        SecretSource::from_keys("token", self.token_env.as_deref(), self.token_file.as_deref())
+    }
+}
+
+/// `basic = { ... }` of an HTTP upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthConfig {
+    /// User name (sent as is; it must not contain `:`).
+    pub username: String,
+    /// Password read from this environment variable.
+    pub password_env: Option<String>,
+    /// Password read from this file (a trailing newline is dropped).
+    pub password_file: Option<PathBuf>,
+}
+
+impl BasicAuthConfig {
+    /// Where the password comes from; exactly one of the two keys must be set.
+    pub fn password_source(&self) -> Result<SecretSource, String> {
+        SecretSource::from_keys(
+            "password",
+            self.password_env.as_deref(),
+            self.password_file.as_deref(),
+        )?
+        .ok_or_else(|| "set password_env or password_file".to_string())
+    }
+}
+
+/// `kind = "mqtt"` upstream: batches are published to `topic` at QoS 1 on a connection of
+/// their own (never the ingest source's), one batch in flight, each removed from the outbox
+/// only after its PUBACK.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttUpstreamConfig {
+    /// Broker host name or IP address.
+    pub host: String,
+    /// Broker port. Default 1883, or 8883 when `[upstream.tls]` is present.
+    pub port: Option<u16>,
+    /// Client id; stable, never random (brokers and their ACLs know a gateway by it).
+    /// Default `edgewise-<agent.id>-up`.
+    pub client_id: Option<String>,
+    /// Topic template; `{agent}` and `{lane}` (`alerts`, `summaries`) are filled in.
+    /// Default `edgewise/{agent}/{lane}`.
+    #[serde(default = "default_upstream_topic")]
+    pub topic: String,
+    /// Body format: `json` or `postcard` (the compact binary layout; see `sensors::wire`).
+    /// Default `json`.
+    #[serde(default)]
+    pub format: sensors::wire::Format,
+    /// Body compression: `zstd`, `gzip` or `none`. Default `zstd`. MQTT 3.1.1 has no headers
+    /// to name either: receivers tell them from the bytes (`sensors::wire::decode_sniffed`).
+    #[serde(default)]
+    pub compression: Compression,
+    /// MQTT keep-alive. Default 30 s.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// How long a connection attempt, and a batch from publish to PUBACK, may take (the
+    /// upload included: raise it on slow uplinks). Default 10 s.
+    #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First retry / reconnect delay; doubles up to `retry_max`, with jitter. Default 500 ms.
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest retry / reconnect delay. Default 60 s.
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// User name sent in CONNECT.
+    pub username: Option<String>,
+    /// Password read from this environment variable (needs `username`).
+    pub password_env: Option<String>,
+    /// Password read from this file (needs `username`; a trailing newline is dropped).
+    pub password_file: Option<PathBuf>,
+    /// `[upstream.tls]`: connect with TLS. An empty table means TLS with the system's
+    /// trusted roots and no client certificate.
+    pub tls: Option<TlsConfig>,
+    /// Batching.
+    #[serde(default)]
+    pub batch: BatchConfig,
+}
+
+fn default_upstream_topic() -> String {
+    "edgewise/{agent}/{lane}".into()
+}
+
+impl MqttUpstreamConfig {
+    /// The broker port with its default applied (8883 with TLS, else 1883).
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(if self.tls.is_some() { 8883 } else { 1883 })
+    }
+
+    /// The client id with its default applied.
+    pub fn client_id(&self, agent: &str) -> String {
+        self.client_id.clone().unwrap_or_else(|| format!("edgewise-{agent}-up"))
+    }
+
+    /// Where the password comes from; `Ok(None)` without one.
+    pub fn password_source(&self) -> Result<Option<SecretSource>, String> {
+        SecretSource::from_keys(
+            "password",
+            self.password_env.as_deref(),
+            self.password_file.as_deref(),
+        )
+    }
+}
+
+/// `[upstream.tls]`: how the agent verifies the upstream and proves who it is.
+///
+/// There is deliberately no way to turn verification off (`insecure_skip_verify`): a
+/// gateway that trusts any certificate sends its data and credentials to whoever sits on
+/// the path, and such a setting tends to outlive the test it was meant for. To trust a
+/// private or self-signed CA, give its certificate in `ca_file`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA certificate(s) to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of our client certificate (chain), for mutual TLS; needs `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub client_key_file: Option<PathBuf>,
+    /// Name the server certificate must carry, when it differs from the host we connect
+    /// to (an IP address, a tunnel, a load balancer). Default: the host of the URL or
+    /// `upstream.host`.
+    pub server_name: Option<String>,
+}
+
+/// Largest secret file read: a password or a bearer token (even a JWT) is far smaller; a
+/// bigger file is the wrong file.
+pub const MAX_SECRET_BYTES: u64 = 64 * 1024;
+
+/// Where a secret (password, token) comes from. Never the configuration file itself, so
+/// that the file can be shown, diffed, shared and printed by `edgewise check` safely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable of the agent's process (systemd: `Environment=` or
+    /// `EnvironmentFile=`).
+    Env(String),
+    /// A file whose contents, without a trailing newline, are the secret (systemd
+    /// credentials, Docker/Kubernetes secrets).
+    File(PathBuf),
+}
+
+impl SecretSource {
+    /// The source named by a `<name>_env` / `<name>_file` pair; `Ok(None)` when neither is
+    /// set, `Err` when both are.
+    pub fn from_keys(
+        name: &str,
+        env: Option<&str>,
+        file: Option<&Path>,
+    ) -> Result<Option<SecretSource>, String> {
+        match (env, file) {
+            (Some(_), Some(_)) => Err(format!("set {name}_env or {name}_file, not both")),
+            (Some(var), None) => Ok(Some(SecretSource::Env(var.to_string()))),
+            (None, Some(path)) => Ok(Some(SecretSource::File(path.to_path_buf()))),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Reads the secret now. The error names the variable or file, never the value.
+    pub fn resolve(&self) -> Result<Secret, String> {
+        let value = match self {
+            SecretSource::Env(var) => match std::env::var(var) {
+                Ok(value) => value,
+                Err(std::env::VarError::NotPresent) => {
+                    return Err(format!("environment variable `{var}` is not set"));
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(format!("environment variable `{var}` is not valid UTF-8"));
+                }
+            },
+            SecretSource::File(path) => {
+                use std::io::Read as _;
+                let shown = path.display();
+                let file = std::fs::File::open(path)
+                    .map_err(|e| format!("cannot read secret file {shown}: {e}"))?;
+                let mut bytes = Vec::new();
+                file.take(MAX_SECRET_BYTES + 1)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| format!("cannot read secret file {shown}: {e}"))?;
+                if bytes.len() as u64 > MAX_SECRET_BYTES {
+                    return Err(format!(
+                        "secret file {shown} is larger than {MAX_SECRET_BYTES} bytes"
+                    ));
+                }
+                let mut text = String::from_utf8(bytes)
+                    .map_err(|_| format!("secret file {shown} is not valid UTF-8"))?;
+                // Editors and `echo` end files with a newline that is not part of the secret.
+                while text.ends_with('\n') || text.ends_with('\r') {
+                    text.pop();
+                }
+                text
+            }
+        };
+        if value.is_empty() {
+            return Err(match self {
+                SecretSource::Env(var) => format!("environment variable `{var}` is empty"),
+                SecretSource::File(path) => format!("secret file {} is empty", path.display()),
+            });
+        }
+        Ok(Secret(value))
+    }
+}
+
+/// A secret value: `Debug` prints `Secret(<redacted>)`, there is no `Display`, and the only
+/// way to the text is [`Secret::expose`], called where it goes onto the wire.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's text, for the header or CONNECT packet that carries it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 fn default_http_timeout() -> Duration {
@@ -631,6 +973,13 @@ pub struct BatchConfig {
     /// Default 1 s.
     #[serde(default = "default_batch_age", with = "humantime_serde")]
     pub max_age: Duration,
+    /// Most summary records per second sent upstream (a number), so that draining a backlog
+    /// after an outage neither saturates a thin uplink nor hammers the backend when a fleet
+    /// reconnects at once; batches then hold at most one second's worth. Alerts are never
+    /// paced. Default: unpaced; one batch in flight already adapts the drain to what the
+    /// receiver acknowledges, and `Retry-After` slows it further.
+    #[serde(default)]
+    pub drain_rate: Option<f64>,
 }
 
 impl Default for BatchConfig {
@@ -639,6 +988,7 @@ impl Default for BatchConfig {
             max_records: default_batch_records(),
             max_bytes: default_batch_bytes(),
             max_age: default_batch_age(),
+            drain_rate: None,
         }
     }
 }
@@ -911,6 +1261,7 @@ fn check_sections(
     let upstream = |kind: &str, v: toml::Spanned<toml::de::DeValue<'_>>| match kind {
         "http" => check::<HttpUpstreamConfig>(v),
         "file" => check::<FileUpstreamConfig>(v),
+        "mqtt" => check::<MqttUpstreamConfig>(v),
         _ => None,
     };
     let tagged_list = |value: &toml::Spanned<toml::de::DeValue<'_>>,
@@ -952,7 +1303,8 @@ fn check_sections(
             "summary" => one::<SummaryConfig>(value, file, text, name, problems),
             "buffer" => one::<BufferConfig>(value, file, text, name, problems),
             "upstream" => {
-                tagged(value, file, text, name, problems, &upstream, "\"http\", \"file\"")
+                let kinds = "\"http\", \"mqtt\", \"file\"";
+                tagged(value, file, text, name, problems, &upstream, kinds)
             }
             other => {
                 let (line, column) = line_col(text, key.span().start);
@@ -979,8 +1331,9 @@ fn check_sections(
                 message: format!("missing section `[{required}]`"),
                 hint: Some(match required {
                     "agent" => "add `[agent]` with at least `id = \"my-gateway\"`".into(),
-                    _ => "add `[upstream]` with `kind = \"http\"` and `url = ...`, or \
-                          `kind = \"file\"` and `path = ...`"
+                    _ => "add `[upstream]` with `kind = \"http\"` and `url = ...`, \
+                          `kind = \"mqtt\"` and `host = ...`, or `kind = \"file\"` and \
+                          `path = ...`"
                         .into(),
                 }),
             });
@@ -1008,7 +1361,22 @@ impl Problem {
 
 /// A hint for the common serde messages a technician meets.
 fn hint_for(message: &str) -> Option<String> {
-    if message.contains("unknown field") {
+    if ["`password`", "`token`", "`bearer_token`"]
+        .iter()
+        .any(|key| message.contains(&format!("unknown field {key}")))
+    {
+        Some(
+            "secrets are never written into the config file: use password_env / password_file \
+             (token_env / token_file for a bearer token)"
+                .into(),
+        )
+    } else if message.contains("unknown field `insecure_skip_verify`") {
+        Some(
+            "certificate verification cannot be turned off; to trust a private CA, give its \
+             certificate in ca_file"
+                .into(),
+        )
+    } else if message.contains("unknown field") {
         Some("check the spelling; every key is listed in config/reference.toml".into())
     } else if message.contains("missing field") {
         Some("this key has no default and must be set".into())
@@ -1353,6 +1721,28 @@ impl Config {
                 Some("at least 16 KiB; 64 MiB holds days of summaries for hundreds of series"),
             );
         }
+        for (key, ttl) in
+            [("alerts_ttl", self.buffer.alerts_ttl), ("summaries_ttl", self.buffer.summaries_ttl)]
+        {
+            if ttl.is_some_and(|ttl| ttl < Duration::from_secs(1)) {
+                issue(format!("buffer.{key}"), "must be at least 1s (or \"off\")".into(), None);
+            }
+        }
+        if let Some(to) = self.buffer.compact_to {
+            let window = self.summary.window;
+            let (to_ms, window_ms) = (to.as_millis(), window.as_millis());
+            if window_ms > 0 && (to_ms % window_ms != 0 || to_ms <= window_ms) {
+                issue(
+                    "buffer.compact_to".into(),
+                    format!(
+                        "{} is not a multiple of summary.window ({}) larger than it",
+                        humantime::format_duration(to),
+                        humantime::format_duration(window)
+                    ),
+                    Some("e.g. \"5m\" for 1 min windows; leave it out for the default"),
+                );
+            }
+        }
 
         match &self.upstream {
             UpstreamConfig::Http(h) => {
@@ -1379,10 +1769,18 @@ impl Config {
                 if h.timeout.is_zero() {
                     issue("upstream.timeout".into(), "must be more than 0s".into(), None);
                 }
+                for (key, message, hint) in http_upstream_issues(h, purpose) {
+                    issue(format!("upstream.{key}"), message, hint);
+                }
             }
             UpstreamConfig::File(f) => {
                 if f.path.as_os_str().is_empty() {
                     issue("upstream.path".into(), "the path is empty".into(), None);
+                }
+            }
+            UpstreamConfig::Mqtt(m) => {
+                for (key, message, hint) in mqtt_upstream_issues(m, purpose) {
+                    issue(format!("upstream.{key}"), message, hint);
                 }
             }
         }
@@ -1392,6 +1790,13 @@ impl Config {
         }
         if batch.max_bytes.bytes() < 1024 {
             issue("upstream.batch.max_bytes".into(), "must be at least 1 KiB".into(), None);
+        }
+        if batch.drain_rate.is_some_and(|rate| !(rate.is_finite() && rate > 0.0)) {
+            issue(
+                "upstream.batch.drain_rate".into(),
+                "must be a number of records per second above 0".into(),
+                Some("leave it out to send as fast as the upstream acknowledges"),
+            );
         }
         issues
     }
@@ -1534,6 +1939,162 @@ pub fn locate(file: &str, text: &str, issues: Vec<Issue>) -> Vec<Problem> {
         .collect()
 }
 
+/// One upstream problem: the key below `upstream`, what is wrong, how to fix it.
+type UpstreamIssue = (String, String, Option<&'static str>);
+
+/// Checks the auth and TLS keys of an HTTP upstream. Secrets and TLS files are read only
+/// for `Purpose::Run`: replaying a recording on a laptop needs neither.
+fn http_upstream_issues(h: &HttpUpstreamConfig, purpose: Purpose) -> Vec<UpstreamIssue> {
+    let mut out = Vec::new();
+    let run = purpose == Purpose::Run;
+    match h.token_source() {
+        Err(message) => out.push(("token_env".into(), message, None)),
+        Ok(Some(source)) => {
+            if h.basic.is_some() {
+                out.push((
+                    "basic".into(),
+                    "set a bearer token or basic auth, not both".into(),
+                    None,
+                ));
+            }
+            if let Some(token) = run.then(|| check_secret(&source, "token", &mut out)).flatten()
+                && reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                    .is_err()
+            {
+                out.push((
+                    secret_key("token", &source),
+                    "the token holds characters that cannot be sent in an HTTP header".into(),
+                    Some("only a trailing newline is removed from a token file"),
+                ));
+            }
+        }
+        Ok(None) => {}
+    }
+    if let Some(basic) = &h.basic {
+        if basic.username.is_empty() || basic.username.contains(':') {
+            out.push((
+                "basic.username".into(),
+                "must not be empty and must not contain `:`".into(),
+                None,
+            ));
+        }
+        match basic.password_source() {
+            Err(message) => out.push(("basic.password_env".into(), message, None)),
+            Ok(source) if run => {
+                check_secret(&source, "basic.password", &mut out);
+            }
+            Ok(_) => {}
+        }
+    }
+    let https = reqwest::Url::parse(&h.url).is_ok_and(|url| url.scheme() == "https");
+    if h.tls.is_some() && !https {
+        out.push((
+            "tls".into(),
+            "TLS settings need an https:// url".into(),
+            Some("use https:// in upstream.url, or remove [upstream.tls]"),
+        ));
+    } else if https && run {
+        check_tls(h.tls.as_ref(), &mut out);
+    }
+    out
+}
+
+/// Checks an MQTT upstream: address, client id, topic, timings, credentials, TLS.
+fn mqtt_upstream_issues(m: &MqttUpstreamConfig, purpose: Purpose) -> Vec<UpstreamIssue> {
+    let mut out = Vec::new();
+    let mut push = |key: &str, message: String, hint: Option<&'static str>| {
+        out.push((key.to_string(), message, hint));
+    };
+    if m.host.trim().is_empty() {
+        push("host", "the host is empty".into(), Some("e.g. \"mqtt.example.com\""));
+    }
+    if m.port == Some(0) {
+        push("port", "must be between 1 and 65535".into(), None);
+    }
+    if m.client_id.as_deref().is_some_and(str::is_empty) {
+        push("client_id", "the client id is empty".into(), Some("leave it out for the default"));
+    }
+    if let Err(reason) = crate::forward::mqtt::TopicTemplate::parse(&m.topic) {
+        push(
+            "topic",
+            format!("bad topic template: {reason}"),
+            Some("e.g. \"edgewise/{agent}/{lane}\""),
+        );
+    }
+    if m.keep_alive < Duration::from_secs(5) {
+        push("keep_alive", "must be at least 5s".into(), None);
+    }
+    if m.timeout < Duration::from_secs(1) {
+        push("timeout", "must be at least 1s".into(), None);
+    }
+    if m.retry_initial > m.retry_max {
+        push("retry_initial", "must not exceed retry_max".into(), None);
+    }
+    if m.username.as_deref().is_some_and(str::is_empty) {
+        push("username", "the user name is empty".into(), None);
+    }
+    match m.password_source() {
+        Err(message) => push("password_env", message, None),
+        Ok(Some(source)) => {
+            if m.username.is_none() {
+                push(
+                    &secret_key("password", &source),
+                    "a password needs a username (MQTT 3.1.1)".into(),
+                    Some("set upstream.username"),
+                );
+            }
+            if purpose == Purpose::Run {
+                check_secret(&source, "password", &mut out);
+            }
+        }
+        Ok(None) => {}
+    }
+    if let Some(tls) = &m.tls
+        && purpose == Purpose::Run
+    {
+        check_tls(Some(tls), &mut out);
+    }
+    out
+}
+
+/// `<name>_env` or `<name>_file`, whichever `source` came from.
+fn secret_key(name: &str, source: &SecretSource) -> String {
+    match source {
+        SecretSource::Env(_) => format!("{name}_env"),
+        SecretSource::File(_) => format!("{name}_file"),
+    }
+}
+
+/// Reads a secret as the agent will at start; a problem is reported at its key.
+fn check_secret(source: &SecretSource, name: &str, out: &mut Vec<UpstreamIssue>) -> Option<Secret> {
+    match source.resolve() {
+        Ok(secret) => Some(secret),
+        Err(message) => {
+            let hint = match source {
+                SecretSource::Env(_) => {
+                    "set it in the agent's environment (systemd: Environment= or EnvironmentFile=)"
+                }
+                SecretSource::File(_) => "check the path and that the agent's user may read it",
+            };
+            out.push((secret_key(name, source), message, Some(hint)));
+            None
+        }
+    }
+}
+
+/// Builds the TLS client configuration as the agent will at start (reads the CA, certificate
+/// and key files, or the system's roots); a problem is reported at its key.
+fn check_tls(tls: Option<&TlsConfig>, out: &mut Vec<UpstreamIssue>) {
+    let default = TlsConfig::default();
+    if let Err(e) = crate::forward::tls::client_config(tls.unwrap_or(&default)) {
+        let key = match e.key() {
+            Some(key) => format!("tls.{key}"),
+            None => "tls".into(),
+        };
+        out.push((key, e.to_string(), e.hint()));
+    }
+}
+
 /// Checks an MQTT topic filter: `#` only as the last level, wildcards fill a whole level.
 fn check_topic_filter(filter: &str) -> Result<(), &'static str> {
     if filter.is_empty() {
@@ -1574,6 +2135,60 @@ path = "out.jsonl"
         assert_eq!(c.buffer.max_bytes, ByteSize(64 << 20));
         assert_eq!(c.summary.window, Duration::from_secs(60));
         assert_eq!(c.journal.commit_interval, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn outage_policies_default_to_a_week_for_summaries_and_compaction_above_half() {
+        let c = load_str("t.toml", MINIMAL).unwrap();
+        assert_eq!(c.buffer.alerts_ttl, None, "alerts never expire by default");
+        assert_eq!(c.buffer.summaries_ttl, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(c.buffer.compact_above, Some(Percent(50.0)));
+        assert_eq!(c.buffer.compact_to, None);
+        assert_eq!(c.upstream.batch().drain_rate, None, "unpaced by default");
+    }
+
+    #[test]
+    fn outage_policies_are_read_and_off_turns_them_off() {
+        let text = format!(
+            "{MINIMAL}\n[upstream.batch]\ndrain_rate = 200\n\n[buffer]\nalerts_ttl = \"1h\"\n\
+             summaries_ttl = \"off\"\ncompact_above = \"75%\"\ncompact_to = \"10m\"\n"
+        );
+        let c = load_str("t.toml", &text).unwrap();
+        assert_eq!(c.buffer.alerts_ttl, Some(Duration::from_secs(3_600)));
+        assert_eq!(c.buffer.summaries_ttl, None);
+        assert_eq!(c.buffer.compact_above, Some(Percent(75.0)));
+        assert_eq!(c.buffer.compact_above.unwrap().of(1_000), 750);
+        assert_eq!(c.buffer.compact_to, Some(Duration::from_secs(600)));
+        assert_eq!(c.upstream.batch().drain_rate, Some(200.0));
+        let off = format!("{MINIMAL}\n[buffer]\ncompact_above = \"off\"\n");
+        assert_eq!(load_str("t.toml", &off).unwrap().buffer.compact_above, None);
+    }
+
+    #[test]
+    fn bad_outage_policies_are_reported_at_their_keys() {
+        let with = |lines: &str| format!("{MINIMAL}\n[buffer]\n{lines}\n");
+        let shown = load_str("t.toml", &with("compact_to = \"90s\"")).unwrap_err().to_string();
+        assert!(
+            shown.contains(
+                "error: buffer.compact_to: 1m 30s is not a multiple of summary.window (1m) \
+                 larger than it"
+            ),
+            "{shown}"
+        );
+        let shown = load_str("t.toml", &with("compact_to = \"1m\"")).unwrap_err().to_string();
+        assert!(shown.contains("buffer.compact_to"), "equal to the window: {shown}");
+        assert!(load_str("t.toml", &with("compact_to = \"5m\"")).is_ok());
+        let shown = load_str("t.toml", &with("compact_above = \"150%\"")).unwrap_err().to_string();
+        assert!(shown.contains("must be more than 0% and at most 100%"), "{shown}");
+        let shown = load_str("t.toml", &with("compact_above = \"half\"")).unwrap_err().to_string();
+        assert!(shown.contains("is not a percentage"), "{shown}");
+        let shown = load_str("t.toml", &with("summaries_ttl = \"soon\"")).unwrap_err().to_string();
+        assert!(shown.contains("`soon` is not a duration"), "{shown}");
+        let shown = load_str("t.toml", &with("alerts_ttl = \"10ms\"")).unwrap_err().to_string();
+        assert!(shown.contains("error: buffer.alerts_ttl: must be at least 1s"), "{shown}");
+        let paced = format!("{MINIMAL}\n[upstream.batch]\ndrain_rate = 0\n");
+        let shown = load_str("t.toml", &paced).unwrap_err().to_string();
+        assert!(shown.contains("error: upstream.batch.drain_rate: must be a number"), "{shown}");
     }
 
     #[test]
@@ -1779,5 +2394,170 @@ path = "x"
             assert!(shown.contains(expected), "{line}: {shown}");
             assert_eq!(errors.problems.len(), 1, "{shown}");
         }
+    }
+}
+
+/// The `[upstream]` keys of the MQTT sink, authentication and TLS.
+#[cfg(test)]
+mod upstream_tests {
+    use super::*;
+
+    const HEAD: &str = "[agent]\nid = \"gw-1\"\n\n[[sources]]\nkind = \"simulated\"\n\n";
+
+    fn load(upstream: &str) -> Result<Config, ConfigErrors> {
+        load_str("u.toml", &format!("{HEAD}{upstream}"))
+    }
+
+    fn error(upstream: &str) -> String {
+        load(upstream).unwrap_err().to_string()
+    }
+
+    fn mqtt(config: &Config) -> &MqttUpstreamConfig {
+        match &config.upstream {
+            UpstreamConfig::Mqtt(m) => m,
+            other => panic!("not mqtt: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_mqtt_upstream_needs_only_a_host() {
+        let config = load("[upstream]\nkind = \"mqtt\"\nhost = \"broker.example\"\n").unwrap();
+        let m = mqtt(&config);
+        assert_eq!(m.port(), 1883);
+        assert_eq!(m.client_id("gw-1"), "edgewise-gw-1-up");
+        assert_eq!(m.topic, "edgewise/{agent}/{lane}");
+        assert_eq!((m.format, m.compression), (sensors::wire::Format::Json, Compression::Zstd));
+        assert_eq!(m.timeout, Duration::from_secs(10));
+        assert!(m.tls.is_none());
+        // TLS moves the default port (parsed only: validation would read the system roots).
+        let with_tls = Config::from_toml(&format!(
+            "{HEAD}[upstream]\nkind = \"mqtt\"\nhost = \"b\"\n[upstream.tls]\n"
+        ))
+        .unwrap();
+        assert_eq!(mqtt(&with_tls).port(), 8883);
+    }
+
+    #[test]
+    fn mqtt_settings_are_checked_at_their_keys() {
+        let shown = error(
+            "[upstream]\nkind = \"mqtt\"\nhost = \"\"\ntopic = \"up/#\"\nkeep_alive = \"1s\"\n\
+             password_file = \"/x\"\n",
+        );
+        assert!(shown.contains("u.toml:9:8: error: upstream.host: the host is empty"), "{shown}");
+        assert!(
+            shown.contains("u.toml:10:9: error: upstream.topic: bad topic template"),
+            "{shown}"
+        );
+        assert!(shown.contains("u.toml:11:14: error: upstream.keep_alive"), "{shown}");
+        assert!(
+            shown.contains(
+                "u.toml:12:17: error: upstream.password_file: a password needs a username"
+            ),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_secret_written_inline_is_refused_with_a_hint_and_never_echoed() {
+        for key in ["password", "token", "bearer_token"] {
+            let kind =
+                if key == "password" { "mqtt\"\nhost = \"b" } else { "http\"\nurl = \"http://x" };
+            let shown = error(&format!("[upstream]\nkind = \"{kind}\"\n{key} = \"hunter2\"\n"));
+            assert!(shown.contains(&format!("unknown field `{key}`")), "{shown}");
+            assert!(shown.contains("use password_env / password_file"), "{shown}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_secret_that_cannot_be_read_is_an_error_at_its_key() {
+        let var = "EDGEWISE_TEST_VARIABLE_THAT_IS_NEVER_SET";
+        let shown = error(&format!(
+            "[upstream]\nkind = \"mqtt\"\nhost = \"b\"\nusername = \"u\"\npassword_env = \"{var}\"\n"
+        ));
+        assert!(
+            shown.contains(&format!(
+                "u.toml:11:16: error: upstream.password_env: environment variable `{var}` is not set"
+            )),
+            "{shown}"
+        );
+        assert!(shown.contains("hint: set it in the agent's environment"), "{shown}");
+        let shown = error(
+            "[upstream]\nkind = \"http\"\nurl = \"http://x\"\n\
+             basic = { username = \"u\", password_file = \"/nonexistent/pw\" }\n",
+        );
+        assert!(shown.contains("u.toml:10:"), "{shown}");
+        assert!(
+            shown.contains("upstream.basic.password_file: cannot read secret file /nonexistent/pw"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_read_from_files_without_the_trailing_newline_and_never_debug_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "abc.def\r\n").unwrap();
+        let secret = SecretSource::File(path.clone()).resolve().unwrap();
+        assert_eq!(secret.expose(), "abc.def");
+        assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(SecretSource::File(path.clone()).resolve().unwrap_err().contains("is empty"));
+        std::fs::write(&path, vec![b'x'; MAX_SECRET_BYTES as usize + 1]).unwrap();
+        assert!(SecretSource::File(path.clone()).resolve().unwrap_err().contains("larger than"));
+        let upstream = format!(
+            "[upstream]\nkind = \"http\"\nurl = \"http://x\"\ntoken_file = {:?}\n",
+            path.display().to_string()
+        );
+        std::fs::write(&path, "abc.def\n").unwrap();
+        let config = load(&upstream).unwrap();
+        assert!(!format!("{config:?}").contains("abc.def"), "the config holds no secret");
+    }
+
+    #[test]
+    fn offline_use_reads_no_secret() {
+        let text = format!(
+            "{HEAD}[upstream]\nkind = \"http\"\nurl = \"http://x\"\n\
+             token_env = \"EDGEWISE_TEST_VARIABLE_THAT_IS_NEVER_SET\"\n"
+        );
+        assert!(load_str_for("u.toml", &text, Purpose::Offline).is_ok());
+        assert!(load_str_for("u.toml", &text, Purpose::Run).is_err());
+    }
+
+    #[test]
+    fn auth_and_tls_combinations_are_checked() {
+        let shown = error(
+            "[upstream]\nkind = \"http\"\nurl = \"http://x\"\ntoken_env = \"A\"\ntoken_file = \"/t\"\n",
+        );
+        assert!(shown.contains("set token_env or token_file, not both"), "{shown}");
+        let shown = error(
+            "[upstream]\nkind = \"http\"\nurl = \"http://x\"\n[upstream.tls]\nca_file = \"/ca.pem\"\n",
+        );
+        assert!(
+            shown.contains("u.toml:10:1: error: upstream.tls: TLS settings need an https:// url"),
+            "{shown}"
+        );
+        let shown = error(
+            "[upstream]\nkind = \"mqtt\"\nhost = \"b\"\n[upstream.tls]\ninsecure_skip_verify = true\n",
+        );
+        assert!(shown.contains("unknown field `insecure_skip_verify`"), "{shown}");
+        assert!(shown.contains("certificate verification cannot be turned off"), "{shown}");
+    }
+
+    #[test]
+    fn an_unreadable_ca_file_is_an_error_at_its_key() {
+        let shown = error(
+            "[upstream]\nkind = \"mqtt\"\nhost = \"b\"\n[upstream.tls]\n\
+             ca_file = \"/nonexistent/ca.pem\"\n",
+        );
+        assert!(
+            shown.contains(
+                "u.toml:11:11: error: upstream.tls.ca_file: cannot read /nonexistent/ca.pem"
+            ),
+            "{shown}"
+        );
+        let shown = error("[upstream]\nkind = \"https\"\nurl = \"https://x\"\n");
+        assert!(shown.contains("unknown kind `https`"), "{shown}");
+        assert!(shown.contains("\"http\", \"mqtt\", \"file\""), "{shown}");
     }
 }

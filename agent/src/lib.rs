@@ -3,26 +3,30 @@
 //! The crate follows the data path, one module per stage:
 //!
 //! ```text
-//! source::{mqtt, sim} ─▶ journal ─▶ processor (rules, summary) ─▶ outbox ─▶ forward::{http, file}
-//!                        (sled,      (one owner of state,          (sled,     (batches, retries,
-//!                         group       deterministic, snapshots)     lanes,     idempotency keys)
-//!                         commit)                                   byte cap)
+//! source::{mqtt, serial, sim} ─▶ journal ─▶ processor (rules, summary) ─▶ outbox ─▶ forward::{http, mqtt, file}
+//!                                (sled,      (one owner of state,          (sled,     (batches, retries,
+//!                                 group       deterministic, snapshots)     lanes,     TLS, idempotency)
+//!                                 commit)                                   TTL, compaction, byte cap)
 //! ```
 //!
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`event`]: the values passed between stages.
-//! - [`source`]: MQTT and simulated sources turning bytes into [`event::Event`]s.
+//! - [`source`]: MQTT, serial and simulated sources turning bytes into [`event::Event`]s.
 //! - [`store`]: the sled database shared by journal, snapshots and outbox.
 //! - [`journal`]: the event log with group commit and a durable watermark.
 //! - [`processor`]: applies journal entries to [`rules`] and [`summary`] windows.
 //! - [`outbox`]: records waiting for upstream, in lanes, with a byte cap.
+//! - [`compact`]: merging old summaries into coarser windows when the outbox fills.
 //! - [`forward`]: sends outbox batches upstream.
 //! - [`recording`]: recordings (JSON lines, CSV) for replay, and the journal export.
 //! - [`replay`]: runs the processor over a recording in event time (`edgewise replay`).
 //! - [`reload`]: hot reload of rules on SIGHUP or when the file changes.
 //! - [`topology`]: spawns the tasks and runs the one shutdown path.
 //! - [`metrics`]: counters shared by all stages.
+//! - [`collect`]: `edgewise collect`, the reference receiver for backends.
 
+pub mod collect;
+pub mod compact;
 pub mod config;
 pub mod event;
 pub mod forward;

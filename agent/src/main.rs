@@ -1,8 +1,10 @@
-//! The `edgewise` command line: `run`, `check`, `replay`, `journal export`, `--version`.
+//! The `edgewise` command line: `run`, `check`, `replay`, `journal export`, `collect`,
+//! `--version`.
 //!
 //! Exit status: 0 on success, 2 for a usage, configuration or input-file error (fix the
 //! command or the file), 1 for a failure while working.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -74,6 +76,28 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+    /// Receive batches as a backend would (a reference receiver): POST to any path, JSON or
+    /// the compact format, identity, zstd or gzip. Verifies each batch, drops records already
+    /// written (by id) and appends new ones to a JSON-lines file; one log line per batch.
+    /// Stops on SIGTERM or SIGINT.
+    Collect {
+        /// Address to listen on (port 0 picks a free one; the URL is printed on stdout).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// JSON-lines file that new records are appended to, one record per line (created if
+        /// missing; the records in it are remembered, so a restart writes no resent batch twice).
+        #[arg(long, short, value_name = "FILE")]
+        out: PathBuf,
+        /// Largest request body as received (compressed): `16 MiB`, `512 KiB`, bytes.
+        #[arg(long, default_value = "16 MiB", value_name = "SIZE", value_parser = parse_size)]
+        max_body: usize,
+    },
+}
+
+/// `--max-body`: a size with a unit, as in the configuration.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let size = config::ByteSize::parse(text)?;
+    usize::try_from(size.bytes()).map_err(|_| format!("{text} is too large"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,6 +185,56 @@ fn main() -> ExitCode {
         } => {
             init_quiet_logging();
             export(&ExportArgs { config, out, from, to, series, data_dir })
+        }
+        Command::Collect { listen, out, max_body } => {
+            init_logging();
+            collect(&edgewise::collect::CollectOptions { listen, out, max_body })
+        }
+    }
+}
+
+/// `edgewise collect`: serves until SIGTERM/SIGINT, then prints the totals.
+fn collect(options: &edgewise::collect::CollectOptions) -> ExitCode {
+    use std::io::Write;
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .thread_name("edgewise-collect")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ready = |addr: SocketAddr| {
+        // The one line on stdout: scripts and tests read the URL (and the port) from it.
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "listening on http://{addr}/ingest");
+        let _ = stdout.flush();
+    };
+    match runtime.block_on(edgewise::collect::run(options, ready, signal())) {
+        Ok(totals) => {
+            tracing::info!(
+                batches = totals.batches,
+                written = totals.written,
+                duplicates = totals.duplicates,
+                refused = totals.refused,
+                "collect stopped"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("edgewise collect: {text}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -303,6 +377,7 @@ fn upstream_kind(c: &Config) -> String {
     match &c.upstream {
         config::UpstreamConfig::Http(h) => format!("http {}", h.url),
         config::UpstreamConfig::File(f) => format!("file {}", f.path.display()),
+        config::UpstreamConfig::Mqtt(m) => format!("mqtt {}:{}", m.host, m.port()),
     }
 }
 

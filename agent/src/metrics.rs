@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// Process-wide counters and gauges.
 #[derive(Debug, Default)]
@@ -33,6 +34,19 @@ pub struct Metrics {
     pub summaries: AtomicU64,
     /// Records evicted from the outbox because it was full.
     pub outbox_evicted: AtomicU64,
+    /// Records dropped from the outbox because they were older than their lane's TTL.
+    pub outbox_expired: AtomicU64,
+    /// Summaries merged away by backlog compaction (the records that went in).
+    pub outbox_compacted_in: AtomicU64,
+    /// Merged summaries written by backlog compaction (the records that came out).
+    pub outbox_compacted_out: AtomicU64,
+    /// Gauge: bytes waiting in the outbox (all lanes, keys + values).
+    pub backlog_bytes: AtomicU64,
+    /// Gauge: records waiting in the outbox (all lanes, gap records included).
+    pub backlog_records: AtomicU64,
+    /// Gauge: event time of the oldest waiting record (the head of each lane), ms since the
+    /// Unix epoch; see [`Metrics::backlog_age_ms`].
+    pub backlog_oldest_ms: OptionalTime,
     /// Records delivered upstream.
     pub upstream_sent_records: AtomicU64,
     /// Batches delivered upstream.
@@ -48,6 +62,88 @@ pub struct Metrics {
     /// Device counters by source name: one entry per configured source that reported any,
     /// so the map is bounded by the configuration.
     devices: Mutex<BTreeMap<String, DeviceCounters>>,
+    /// Records delivered upstream per second, recently: the drain time estimate.
+    send_rate: Mutex<SendRate>,
+}
+
+/// A point in time that may be unknown, as an atomic (`i64::MIN` stands for none).
+#[derive(Debug)]
+pub struct OptionalTime(AtomicI64);
+
+impl Default for OptionalTime {
+    fn default() -> Self {
+        OptionalTime(AtomicI64::new(i64::MIN))
+    }
+}
+
+impl OptionalTime {
+    /// Stores `time` (ms since the Unix epoch) or none.
+    pub fn set(&self, time: Option<i64>) {
+        self.0.store(time.unwrap_or(i64::MIN), Ordering::Relaxed);
+    }
+
+    /// The stored time, if any.
+    pub fn get(&self) -> Option<i64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|t| *t != i64::MIN)
+    }
+}
+
+/// How many one-second buckets [`SendRate`] keeps: long enough to smooth out the batch
+/// rhythm (a batch per `max_age`, pauses of pacing), short enough that the drain estimate
+/// follows an upstream that slows down or recovers within seconds.
+pub const SEND_RATE_SPAN_S: u64 = 10;
+
+/// Records delivered per second over the last [`SEND_RATE_SPAN_S`] seconds, in fixed
+/// one-second buckets (bounded memory, O(1) per delivery).
+#[derive(Debug, Clone)]
+pub struct SendRate {
+    since: Instant,
+    /// `(second since `since`, records)`, indexed by that second modulo the span.
+    buckets: [(u64, u64); SEND_RATE_SPAN_S as usize],
+}
+
+impl Default for SendRate {
+    fn default() -> Self {
+        SendRate::new(Instant::now())
+    }
+}
+
+impl SendRate {
+    /// An empty meter that starts measuring at `now`.
+    pub fn new(now: Instant) -> SendRate {
+        SendRate { since: now, buckets: [(u64::MAX, 0); SEND_RATE_SPAN_S as usize] }
+    }
+
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.since).as_secs()
+    }
+
+    /// Counts `records` delivered at `now`.
+    pub fn add(&mut self, records: u64, now: Instant) {
+        let second = self.second(now);
+        let bucket = &mut self.buckets[(second % SEND_RATE_SPAN_S) as usize];
+        if bucket.0 != second {
+            *bucket = (second, 0);
+        }
+        bucket.1 += records;
+    }
+
+    /// Records per second over the span (or since the start, if that is shorter).
+    pub fn per_second(&self, now: Instant) -> f64 {
+        let second = self.second(now);
+        let records: u64 = self
+            .buckets
+            .iter()
+            .filter(|(s, _)| *s != u64::MAX && *s <= second && second - *s < SEND_RATE_SPAN_S)
+            .map(|(_, n)| n)
+            .sum();
+        let elapsed = now.saturating_duration_since(self.since);
+        // The span covers the current partial second and the full seconds before it.
+        let into_second = elapsed - Duration::from_secs(second);
+        let span = Duration::from_secs(SEND_RATE_SPAN_S - 1) + into_second;
+        let secs = span.min(elapsed).as_secs_f64();
+        if secs > 0.0 { records as f64 / secs } else { 0.0 }
+    }
 }
 
 /// What the devices behind one source (a serial port) did that is not rejected input: frames
@@ -105,6 +201,35 @@ impl Metrics {
         map.values().map(|c| c.lost_frames).sum()
     }
 
+    /// Counts `records` delivered upstream at `now` (for the drain time estimate).
+    pub fn record_sent(&self, records: u64, now: Instant) {
+        self.send_rate.lock().unwrap_or_else(|e| e.into_inner()).add(records, now);
+    }
+
+    /// Records delivered per second recently (see [`SendRate`]).
+    pub fn send_rate(&self, now: Instant) -> f64 {
+        self.send_rate.lock().unwrap_or_else(|e| e.into_inner()).per_second(now)
+    }
+
+    /// Age of the oldest waiting record at `now_ms` (0 for an event time in the future);
+    /// `None` when the outbox is empty.
+    pub fn backlog_age_ms(&self, now_ms: i64) -> Option<u64> {
+        let oldest = self.backlog_oldest_ms.get()?;
+        Some(u64::try_from(now_ms.saturating_sub(oldest)).unwrap_or(0))
+    }
+
+    /// Estimated seconds until the backlog is sent: waiting records over the recent send
+    /// rate, rounded up; `Some(0)` when nothing waits, `None` when nothing was sent lately
+    /// (the upstream is down: no estimate is honest then).
+    pub fn drain_eta_s(&self, now: Instant) -> Option<u64> {
+        let records = get(&self.backlog_records);
+        if records == 0 {
+            return Some(0);
+        }
+        let rate = self.send_rate(now);
+        (rate > 0.0).then(|| (records as f64 / rate).ceil() as u64)
+    }
+
     fn device_counters(&self, source: &str, update: impl FnOnce(&mut DeviceCounters)) {
         let mut map = self.devices.lock().unwrap_or_else(|e| e.into_inner());
         match map.get_mut(source) {
@@ -136,5 +261,38 @@ mod tests {
         assert_eq!(devices["usb"], DeviceCounters { lost_frames: 1, device_restarts: 0 });
         assert_eq!(m.lost_frames_total(), 6);
         assert_eq!(m.rejected_total(), 1, "lost frames are not rejected input");
+    }
+
+    #[test]
+    fn the_send_rate_covers_the_last_ten_seconds() {
+        let t0 = Instant::now();
+        let mut rate = SendRate::new(t0);
+        assert_eq!(rate.per_second(t0), 0.0);
+        rate.add(100, t0 + Duration::from_millis(500));
+        assert_eq!(rate.per_second(t0 + Duration::from_secs(1)), 100.0, "100 in the first second");
+        rate.add(100, t0 + Duration::from_millis(1_500));
+        let at = t0 + Duration::from_secs(4);
+        assert_eq!(rate.per_second(at), 50.0, "200 in 4 s");
+        // Once they are more than ten seconds old, the deliveries no longer count.
+        assert_eq!(rate.per_second(t0 + Duration::from_secs(12)), 0.0);
+        rate.add(90, t0 + Duration::from_millis(20_500));
+        // 90 records in the nine full seconds before the current one, which just began.
+        assert_eq!(rate.per_second(t0 + Duration::from_secs(21)), 10.0);
+    }
+
+    #[test]
+    fn the_drain_estimate_divides_the_backlog_by_the_send_rate() {
+        let m = Metrics::default();
+        assert_eq!(m.drain_eta_s(Instant::now()), Some(0), "nothing waits");
+        m.backlog_records.store(1_000, Ordering::Relaxed);
+        assert_eq!(m.drain_eta_s(Instant::now()), None, "nothing sent: no estimate");
+        let now = Instant::now();
+        m.record_sent(500, now);
+        let eta = m.drain_eta_s(now + Duration::from_millis(500)).unwrap();
+        assert!((1..=2).contains(&eta), "500 records in at most 0.5 s: {eta}");
+        m.backlog_oldest_ms.set(Some(1_000));
+        assert_eq!(m.backlog_age_ms(61_000), Some(60_000));
+        m.backlog_oldest_ms.set(None);
+        assert_eq!(m.backlog_age_ms(61_000), None);
     }
 }

@@ -298,11 +298,13 @@ impl RateMeter {
     }
 }
 
-/// One status line: rates in, alerts, outbox depth, upstream state, rejects and lost frames.
+/// One status line: rates in, alerts, outbox depth, backlog (bytes, age of the oldest
+/// record, estimated drain time), upstream state, rejects and lost frames.
 fn log_status(message: &str, metrics: &Metrics, outbox: &Outbox, rate: &mut RateMeter) {
     let events_in = metrics::get(&metrics.events_in);
     let rate = rate.rate(events_in, Instant::now());
     let stats = outbox.stats();
+    let oldest_age_ms = metrics.backlog_age_ms(crate::event::now_ms());
     let upstream = if metrics::get(&metrics.upstream_up) == 1 {
         "up"
     } else if metrics::get(&metrics.upstream_failures) == 0 {
@@ -325,10 +327,21 @@ fn log_status(message: &str, metrics: &Metrics, outbox: &Outbox, rate: &mut Rate
         outbox_summaries = stats.summaries.records,
         outbox_bytes = stats.alerts.bytes + stats.summaries.bytes,
         evicted = stats.evicted,
+        expired = stats.expired,
+        compacted = stats.compacted_in,
+        backlog_bytes = metrics::get(&metrics.backlog_bytes),
+        oldest_age_s = %or_dash(oldest_age_ms.map(|ms| ms / 1_000)),
+        drain_eta_s = %or_dash(metrics.drain_eta_s(Instant::now())),
         sent = metrics::get(&metrics.upstream_sent_records),
         upstream,
         "{message}"
     );
+}
+
+/// A status field that may be unknown: the number, or `-` (an empty outbox has no oldest
+/// record; an upstream that sent nothing lately gives no drain estimate).
+fn or_dash(value: Option<u64>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
 /// The non-zero rejects as `source/cause=n`, space-separated, largest first (ties in name

@@ -13,6 +13,8 @@
 //!   episodes for the agent's simulated source, and simulated sensors for a firmware simulator.
 //! - [`record`]: the upstream batch format (alerts, summaries, gap records) that the agent
 //!   sends to cloud backends.
+//! - `wire` (feature `codec`, needs `std`): the upstream wire format: JSON or a compact binary
+//!   layout, zstd/gzip, and the verifying decoder that backends use.
 #![no_std]
 
 #[cfg(feature = "alloc")]
@@ -28,3 +30,5 @@ pub mod record;
 pub mod sensor;
 #[cfg(feature = "sim")]
 pub mod sim;
+#[cfg(feature = "codec")]
+pub mod wire;

@@ -83,7 +83,10 @@ pub struct Batch {
 pub struct Record {
     /// Stable id, the de-duplication key: `<agent>:<epoch hex>:<lane>:<seq>`.
     pub id: String,
-    /// Position in the lane; dense except where a gap record covers evicted records.
+    /// Position in the lane, increasing. Not dense: a gap record covers evicted or expired
+    /// records, and a summary merged by backlog compaction takes the seq of the first record it
+    /// replaces (the others' seqs are never used). Count events, not seqs, to check that
+    /// nothing is missing: every event is in a summary's `count` or a gap's `events`.
     pub seq: u64,
     /// What the record says.
     pub body: RecordBody,

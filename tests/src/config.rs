@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub allowed_lateness: String,
     /// `[buffer] max_bytes`, default when `None`.
     pub buffer_max_bytes: Option<String>,
+    /// More `[buffer]` lines (e.g. `compact_above = "off"`), used with `buffer_max_bytes`.
+    pub buffer_extra: String,
     /// `[upstream.batch] max_records`.
     pub batch_max_records: usize,
     /// Extra TOML appended at the end (e.g. `[[rules]]` tables).
@@ -51,6 +53,7 @@ impl AgentConfig {
             window: "1s".into(),
             allowed_lateness: "500ms".into(),
             buffer_max_bytes: None,
+            buffer_extra: String::new(),
             batch_max_records: 500,
             extra: String::new(),
         }
@@ -81,7 +84,7 @@ impl AgentConfig {
     pub fn toml(&self) -> String {
         let topics: Vec<String> = self.topics.iter().map(|t| format!("{t:?}")).collect();
         let buffer = match &self.buffer_max_bytes {
-            Some(max) => format!("\n[buffer]\nmax_bytes = {max:?}\n"),
+            Some(max) => format!("\n[buffer]\nmax_bytes = {max:?}\n{}", self.buffer_extra),
             None => String::new(),
         };
         format!(

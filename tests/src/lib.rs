@@ -9,6 +9,7 @@
 //! - [`AgentConfig`]: the agent's TOML, tuned for fast tests.
 //! - [`expect`]: expected summaries computed from what a test published.
 //! - [`wait`]: polling helpers; nothing sleeps for a guessed time.
+//! - [`tls`]: a PKI made at test time and an HTTPS receiver with client certificates.
 //!
 //! The harness is synchronous: each fixture owns its threads (and tokio runtime), so tests
 //! are plain `#[test]` functions that the test runner runs in parallel. Every fixture cleans
@@ -21,6 +22,7 @@ pub mod expect;
 pub mod mosquitto;
 pub mod publisher;
 pub mod receiver;
+pub mod tls;
 pub mod wait;
 
 pub use agent::{Agent, edgewise_bin, workspace_bin};
@@ -30,7 +32,8 @@ pub use expect::{
     ExpectedAlert, ExpectedSummary, Reading, compare_alerts, compare_summaries, expected_summaries,
     expected_threshold_alerts, window_start,
 };
-pub use mosquitto::Mosquitto;
+pub use mosquitto::{Mosquitto, TlsListener};
 pub use publisher::{Publisher, QoS};
 pub use receiver::{Mode, Received, Receiver, decode_body};
+pub use tls::{HttpsReceiver, Pki};
 pub use wait::{Deadline, free_port, now_ms, port_open, wait_for, wait_until};

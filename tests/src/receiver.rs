@@ -1,6 +1,9 @@
 //! A real HTTP upstream for the agent: an axum server on 127.0.0.1 that decodes every batch
-//! (zstd, gzip or identity), checks it against the wire format, and keeps everything it
-//! acknowledged for the test to inspect.
+//! with `sensors::wire` as a backend in Rust would (JSON or the compact layout; zstd, gzip or
+//! identity), checks it against the wire format, and keeps everything it acknowledged for
+//! the test to inspect. A body that does not decode (or has an unknown type or encoding) is
+//! answered 400; a batch that decodes but breaks a rule of the format is acknowledged and
+//! reported: both are protocol errors.
 //!
 //! Availability can be switched while the agent runs: answer 503 to every request, fail the
 //! next N requests, or stop listening altogether (connections are refused) and listen again
@@ -63,11 +66,13 @@ pub struct BatchInfo {
     pub records: usize,
     /// `Content-Encoding` (`identity` when absent).
     pub encoding: String,
+    /// The body's format, from its `Content-Type`.
+    pub format: sensors::wire::Format,
     /// `Idempotency-Key`, if sent.
     pub idempotency_key: Option<String>,
     /// Body size on the wire.
     pub wire_bytes: usize,
-    /// Body size decoded.
+    /// Body size after undoing `Content-Encoding` (JSON or compact).
     pub json_bytes: usize,
 }
 
@@ -483,6 +488,18 @@ impl Drop for Receiver {
     }
 }
 
+/// An error and its sources on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Decodes a body by its `Content-Encoding`.
 pub fn decode_body(encoding: &str, body: &[u8]) -> Result<Vec<u8>, String> {
     match encoding {
@@ -515,20 +532,25 @@ async fn ingest(
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let encoding = header("content-encoding").unwrap_or_else(|| "identity".into());
-    let decoded = match decode_body(&encoding, &body) {
-        Ok(d) => d,
-        Err(e) => {
-            shared.received().protocol_errors.push(format!("undecodable body: {e}"));
-            return (StatusCode::BAD_REQUEST, format!("{e}\n"));
-        }
+    let content_type = header("content-type").unwrap_or_default();
+    let refuse = |shared: &Shared, e: sensors::wire::WireError| {
+        let reason = error_chain(&e);
+        shared.received().protocol_errors.push(format!("undecodable body: {reason}"));
+        (StatusCode::BAD_REQUEST, format!("{reason}\n"))
     };
-    let batch: Batch = match serde_json::from_slice(&decoded) {
+    // Decompressed first only to measure it; `decode` does the rest (type, verification).
+    let compression = sensors::wire::Compression::from_content_encoding(&encoding)
+        .ok_or(sensors::wire::WireError::UnsupportedEncoding { encoding: encoding.clone() });
+    let decoded = match compression.and_then(|c| sensors::wire::decompress(&body, c)) {
+        Ok(d) => d,
+        Err(e) => return refuse(&shared, e),
+    };
+    // Unverified: a batch that breaks a rule of the format is acknowledged and reported by
+    // `check_batch` (one protocol error per broken rule), so that a test sees every violation
+    // rather than a dead-lettered batch.
+    let batch: Batch = match sensors::wire::decode_unverified(&decoded, &content_type, None) {
         Ok(b) => b,
-        Err(e) => {
-            let text = String::from_utf8_lossy(&decoded[..decoded.len().min(300)]).into_owned();
-            shared.received().protocol_errors.push(format!("not a JSON Batch: {e}: {text}"));
-            return (StatusCode::BAD_REQUEST, format!("{e}\n"));
-        }
+        Err(e) => return refuse(&shared, e),
     };
     let info = BatchInfo {
         lane: batch.lane,
@@ -536,6 +558,7 @@ async fn ingest(
         last_seq: batch.last_seq,
         records: batch.records.len(),
         encoding,
+        format: sensors::wire::Format::from_content_type(&content_type).unwrap_or_default(),
         idempotency_key: header("idempotency-key"),
         wire_bytes: body.len(),
         json_bytes: decoded.len(),

@@ -7,5 +7,7 @@
 mod device;
 #[path = "e2e/harness.rs"]
 mod harness;
+#[path = "e2e/outage.rs"]
+mod outage;
 #[path = "e2e/scenarios.rs"]
 mod scenarios;

@@ -2,38 +2,35 @@
 //!
 //! ```text
 //! POST <url>
-//! Content-Type: application/json
+//! Content-Type: application/json | application/x-edgewise-batch   (`format = "json" | "postcard"`)
 //! Content-Encoding: zstd | gzip          (absent for `compression = "none"`)
 //! Idempotency-Key: <agent>/<lane>/<first_seq>-<last_seq>
 //! User-Agent: edgewise/<version>
 //!
-//! <the Batch as JSON, compressed>
+//! <the Batch as JSON or in the compact binary layout, compressed>
 //! ```
 //!
-//! reqwest only decompresses *responses*, so request bodies are compressed here (zstd level
-//! 3, or gzip through flate2), off the async threads in `spawn_blocking`. Responses map to
+//! The body is `sensors::wire`'s, the encoding backends decode with. reqwest only
+//! decompresses *responses*, so request bodies are compressed here (zstd level 3, or gzip),
+//! off the async threads in `spawn_blocking`. Responses map to
 //! [`SendError`]: network errors, timeouts, 408, 429, 5xx (and unexpected 1xx/3xx: redirects
 //! are not followed, a moved endpoint is a configuration problem and must not eat batches)
 //! are retryable with an optional `Retry-After`; every other 4xx is a rejection that
 //! dead-letters the batch. A rejection carries an excerpt of the response body so that the
 //! dead-letter reason tells a technician what the receiver disliked.
 
-use std::io::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use reqwest::{Response, StatusCode, Url};
 use sensors::record::Batch;
+use sensors::wire::{self, Format};
 
 use super::{ForwardError, SendError, idempotency_key};
 use crate::config::{Compression, HttpUpstreamConfig};
 
 /// `User-Agent` of every request: lets a receiver tell agent versions apart in its logs.
 pub(crate) const USER_AGENT: &str = concat!("edgewise/", env!("CARGO_PKG_VERSION"));
-
-/// zstd level: 3 is zstd's default and measured best ratio per CPU second (dependency notes
-/// §7.2: 8.75× at ~700 MB/s on x86, several times slower on a Pi).
-const ZSTD_LEVEL: i32 = 3;
 
 /// Most bytes of an error response kept for logs and the dead-letter reason: enough for a
 /// JSON error message, small enough to log; the rest of the body is not read.
@@ -50,6 +47,8 @@ pub(crate) struct HttpSink {
     client: reqwest::Client,
     url: Url,
     compression: Compression,
+    /// `format`: JSON or the compact layout.
+    format: Format,
 }
 
 impl HttpSink {
@@ -69,25 +68,78 @@ impl HttpSink {
         // cmake on 32-bit ARM) and panics without a process-wide provider. Installing twice
         // is an `Err` we can ignore: some provider is installed either way.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .timeout(config.timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|source| ForwardError::HttpClient { source })?;
-        Ok(Self { client, url, compression: config.compression })
+            .default_headers(Self::auth_headers(config)?);
+        if url.scheme() == "https" {
+            // One TLS setup for both upstreams (`forward::tls`): ring, the CA of
+            // `[upstream.tls]` or the system's roots, the client certificate, `server_name`.
+            let default = crate::config::TlsConfig::default();
+            let tls = super::tls::client_config(config.tls.as_ref().unwrap_or(&default))?;
+            builder = builder.tls_backend_preconfigured(tls);
+        }
+        let client = builder.build().map_err(|source| ForwardError::HttpClient { source })?;
+        Ok(Self { client, url, compression: config.compression, format: config.format })
+    }
+
+    /// The `Authorization` header of every request (a bearer token, or basic auth), read once at
+    /// start and marked sensitive: `Debug` of the header map prints `Sensitive`, never the value.
+    /// The secret comes from an environment variable or a file (`config::SecretSource`).
+    fn auth_headers(
+        config: &HttpUpstreamConfig,
+    ) -> Result<reqwest::header::HeaderMap, ForwardError> {
+        use base64::Engine as _;
+        let setting = |key: &str, reason: String| ForwardError::Setting {
+            key: format!("upstream.{key}"),
+            reason,
+        };
+        let resolve = |name: &str, source: &crate::config::SecretSource| {
+            let key = match source {
+                crate::config::SecretSource::Env(_) => format!("{name}_env"),
+                crate::config::SecretSource::File(_) => format!("{name}_file"),
+            };
+            source.resolve().map_err(|reason| setting(&key, reason))
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        let token = config.token_source().map_err(|reason| setting("token_env", reason))?;
+        let (key, text) = match (token, &config.basic) {
+            (Some(_), Some(_)) => {
+                return Err(setting("basic", "set a bearer token or basic auth, not both".into()));
+            }
+            (Some(source), None) => {
+                ("token", format!("Bearer {}", resolve("token", &source)?.expose()))
+            }
+            (None, Some(basic)) => {
+                let source = basic
+                    .password_source()
+                    .map_err(|reason| setting("basic.password_env", reason))?;
+                let password = resolve("basic.password", &source)?;
+                let pair = format!("{}:{}", basic.username, password.expose());
+                let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+                ("basic", format!("Basic {encoded}"))
+            }
+            (None, None) => return Ok(headers),
+        };
+        let mut value = HeaderValue::from_str(&text).map_err(|_| {
+            setting(key, "holds characters that cannot be sent in an HTTP header".into())
+        })?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        Ok(headers)
     }
 
     /// Sends one batch; `Ok` means the receiver acknowledged it with a 2xx.
     pub(crate) async fn send(&self, batch: &Batch) -> Result<(), SendError> {
-        let body = encode(batch, self.compression).await?;
+        let body = encode(batch, self.format, self.compression).await?;
         let key = HeaderValue::from_str(&idempotency_key(batch)).map_err(|e| {
             SendError::Unencodable { reason: format!("idempotency key is not a header value: {e}") }
         })?;
         let mut request = self
             .client
             .post(self.url.clone())
-            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_TYPE, self.format.content_type())
             .header("idempotency-key", key);
         if let Some(encoding) = content_encoding(self.compression) {
             request = request.header(CONTENT_ENCODING, encoding);
@@ -101,25 +153,38 @@ impl HttpSink {
     }
 }
 
-/// The `Content-Encoding` for a compression setting; `None` sends no header.
-fn content_encoding(compression: Compression) -> Option<&'static str> {
+/// The wire compression of a `compression` setting.
+fn wire_compression(compression: Compression) -> wire::Compression {
     match compression {
-        Compression::Zstd => Some("zstd"),
-        Compression::Gzip => Some("gzip"),
-        Compression::None => None,
+        Compression::Zstd => wire::Compression::Zstd,
+        Compression::Gzip => wire::Compression::Gzip,
+        Compression::None => wire::Compression::None,
     }
 }
 
-/// Serialises a batch to JSON and compresses it.
-async fn encode(batch: &Batch, compression: Compression) -> Result<Vec<u8>, SendError> {
-    let json = serde_json::to_vec(batch)
-        .map_err(|e| SendError::Unencodable { reason: format!("JSON: {e}") })?;
-    if compression == Compression::None {
-        return Ok(json);
+/// The `Content-Encoding` for a compression setting; `None` sends no header.
+fn content_encoding(compression: Compression) -> Option<&'static str> {
+    match wire_compression(compression) {
+        wire::Compression::None => None,
+        other => Some(other.content_encoding()),
+    }
+}
+
+/// Serialises a batch in `format` (`sensors::wire::encode`) and compresses it.
+async fn encode(
+    batch: &Batch,
+    format: Format,
+    compression: Compression,
+) -> Result<Vec<u8>, SendError> {
+    let plain = wire::encode(batch, format, wire::Compression::None)
+        .map_err(|e| SendError::Unencodable { reason: error_chain(&e) })?;
+    let compression = wire_compression(compression);
+    if compression == wire::Compression::None {
+        return Ok(plain);
     }
     // A full batch is 256 KiB by default; gzip at ~25 MB/s on x86 (slower on a Pi) would hold
     // an async worker thread for tens of ms, so compression runs on the blocking pool.
-    tokio::task::spawn_blocking(move || compress(&json, compression))
+    tokio::task::spawn_blocking(move || wire::compress(&plain, compression))
         .await
         .map_err(|e| SendError::Retryable {
             reason: format!("compression task: {e}"),
@@ -127,26 +192,7 @@ async fn encode(batch: &Batch, compression: Compression) -> Result<Vec<u8>, Send
         })?
         // Compressing into memory fails only when memory runs out: not the batch's fault,
         // so retry rather than dead-letter.
-        .map_err(|e| SendError::Retryable {
-            reason: format!("compression: {e}"),
-            retry_after: None,
-        })
-}
-
-/// Compresses `data` for the given `Content-Encoding`.
-fn compress(data: &[u8], compression: Compression) -> std::io::Result<Vec<u8>> {
-    match compression {
-        Compression::Zstd => zstd::bulk::compress(data, ZSTD_LEVEL),
-        Compression::Gzip => {
-            let mut encoder = flate2::write::GzEncoder::new(
-                Vec::with_capacity(data.len() / 4),
-                flate2::Compression::default(),
-            );
-            encoder.write_all(data)?;
-            encoder.finish()
-        }
-        Compression::None => Ok(data.to_vec()),
-    }
+        .map_err(|e| SendError::Retryable { reason: error_chain(&e), retry_after: None })
 }
 
 /// Maps a response to acknowledged, retryable or rejected.
@@ -410,7 +456,10 @@ pub(crate) mod receiver {
     ) -> Response {
         let at = std::time::Instant::now();
         let json = decode(&headers, &body);
-        let batch: Batch = serde_json::from_slice(&json).unwrap();
+        // Either format, by its Content-Type; the wire decoder also verifies ids and seqs.
+        let content_type =
+            headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let batch: Batch = sensors::wire::decode(&json, content_type, None).unwrap();
         let reply = shared.script.lock().unwrap().pop_front().unwrap_or(Reply::status(200));
         shared.received.lock().unwrap().push(Received {
             headers,
@@ -479,6 +528,24 @@ mod tests {
         let plain = serde_json::to_vec(&batch).unwrap();
         for r in &received {
             assert_eq!(r.json, plain);
+        }
+    }
+
+    #[tokio::test]
+    async fn postcard_batches_arrive_decodable_under_their_content_type() {
+        let receiver = Receiver::start().await;
+        let batch = batch_of(Lane::Summaries, 1..=50);
+        for compression in [Compression::Zstd, Compression::Gzip, Compression::None] {
+            let mut config = http_config(&receiver.url, compression);
+            config.format = Format::Postcard;
+            HttpSink::new(&config, AGENT).unwrap().send(&batch).await.unwrap();
+        }
+        let json = serde_json::to_vec(&batch).unwrap();
+        for r in receiver.wait_for(3).await {
+            assert_eq!(r.headers["content-type"], "application/x-edgewise-batch");
+            // The receiver decoded (and verified) it with `sensors::wire::decode`.
+            assert_eq!(r.batch, batch);
+            assert!(r.json.len() * 4 < json.len(), "{} vs JSON {}", r.json.len(), json.len());
         }
     }
 
@@ -578,5 +645,77 @@ mod tests {
         assert_eq!(secs("Thu, 01 Jan 1970 00:00:00 GMT"), 0);
         assert_eq!(secs("Sun, 06 Nov 1994 08:49:37 GMT"), 784_111_777);
         assert_eq!(secs("Tue, 29 Feb 2028 12:00:00 GMT"), 1_835_438_400);
+    }
+}
+
+/// `Authorization` from `token_*` and `basic`, and TLS with our own client configuration.
+#[cfg(test)]
+mod auth_tests {
+    use super::receiver::Receiver;
+    use super::*;
+    use crate::config::BasicAuthConfig;
+    use crate::forward::tests::{AGENT, batch_of, http_config};
+    use sensors::record::Lane;
+
+    fn secret_file(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+        let path = dir.path().join("secret");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn a_bearer_token_from_a_file_goes_with_every_request_and_not_into_debug() {
+        let receiver = Receiver::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = http_config(&receiver.url, Compression::None);
+        config.token_file = Some(secret_file(&dir, "t0ken.value\n"));
+        let sink = HttpSink::new(&config, AGENT).unwrap();
+        sink.send(&batch_of(Lane::Alerts, 1..=1)).await.unwrap();
+        sink.send(&batch_of(Lane::Alerts, 2..=2)).await.unwrap();
+        for request in receiver.wait_for(2).await {
+            assert_eq!(request.headers["authorization"], "Bearer t0ken.value");
+        }
+        assert!(!format!("{sink:?}").contains("t0ken"), "{sink:?}");
+    }
+
+    #[tokio::test]
+    async fn basic_auth_sends_the_user_and_the_password_from_its_file() {
+        let receiver = Receiver::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = http_config(&receiver.url, Compression::None);
+        config.basic = Some(BasicAuthConfig {
+            username: "gw-1".into(),
+            password_env: None,
+            password_file: Some(secret_file(&dir, "open sesame")),
+        });
+        let sink = HttpSink::new(&config, AGENT).unwrap();
+        sink.send(&batch_of(Lane::Alerts, 1..=1)).await.unwrap();
+        // base64("gw-1:open sesame")
+        assert_eq!(
+            receiver.wait_for(1).await[0].headers["authorization"],
+            "Basic Z3ctMTpvcGVuIHNlc2FtZQ=="
+        );
+    }
+
+    #[test]
+    fn a_token_that_cannot_be_read_is_refused_at_start_naming_the_key() {
+        let mut config = http_config("http://127.0.0.1:1/", Compression::None);
+        config.token_file = Some("/nonexistent/edgewise-token".into());
+        let Err(ForwardError::Setting { key, reason }) = HttpSink::new(&config, AGENT) else {
+            panic!("expected a setting error");
+        };
+        assert_eq!(key, "upstream.token_file");
+        assert!(reason.contains("/nonexistent/edgewise-token"), "{reason}");
+    }
+
+    #[test]
+    fn an_https_url_with_an_unusable_ca_file_is_refused_at_start() {
+        let mut config = http_config("https://127.0.0.1:1/", Compression::None);
+        config.tls = Some(crate::config::TlsConfig {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        });
+        let error = HttpSink::new(&config, AGENT).unwrap_err();
+        assert!(matches!(error, ForwardError::Tls(_)), "{error:?}");
     }
 }

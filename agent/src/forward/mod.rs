@@ -35,6 +35,16 @@
 //! batch left, so that no record waits longer than `max_age` plus one send; a lane that
 //! already holds a full batch, and a batch being retried, never linger.
 //!
+//! # Pacing
+//!
+//! With `batch.drain_rate` set, summary batches hold at most one second's worth of records
+//! and the next summary batch leaves no earlier than `records / drain_rate` after the
+//! previous one started, so a backlog drains at that pace after an outage. The forwarder
+//! still peeks one batch at a time, so memory stays bounded however large the backlog.
+//! Alerts are never paced and still go first: the wait polls the alerts lane like a linger.
+//! Every delivery feeds the send rate in [`Metrics`], from which the status line estimates
+//! the drain time of the backlog.
+//!
 //! # Lifecycle
 //!
 //! [`run`] builds the [`Sink`] (refusing a bad URL or an unwritable file at start) and
@@ -48,6 +58,8 @@
 
 pub(crate) mod file;
 pub(crate) mod http;
+pub(crate) mod mqtt;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -101,6 +113,17 @@ pub enum ForwardError {
         /// reqwest's report.
         #[source]
         source: reqwest::Error,
+    },
+    /// `[upstream.tls]` cannot be used (files, keys, names, no trusted roots).
+    #[error("upstream TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// An upstream setting cannot be used: a secret that cannot be read, a bad topic.
+    #[error("{key}: {reason}")]
+    Setting {
+        /// The key, e.g. `upstream.password_env`.
+        key: String,
+        /// What is wrong (never a secret's value).
+        reason: String,
     },
     /// The file sink's file cannot be created or opened for appending.
     #[error("cannot open upstream file {path}")]
@@ -168,6 +191,8 @@ pub(crate) enum Sink {
     Http(http::HttpSink),
     /// `kind = "file"`.
     File(file::FileSink),
+    /// `kind = "mqtt"`.
+    Mqtt(mqtt::MqttSink),
 }
 
 impl Sink {
@@ -176,6 +201,7 @@ impl Sink {
         Ok(match &config.upstream {
             UpstreamConfig::Http(c) => Sink::Http(http::HttpSink::new(c, &config.agent.id)?),
             UpstreamConfig::File(c) => Sink::File(file::FileSink::new(c)?),
+            UpstreamConfig::Mqtt(c) => Sink::Mqtt(mqtt::MqttSink::new(c, &config.agent.id)?),
         })
     }
 
@@ -184,6 +210,7 @@ impl Sink {
         match self {
             Sink::Http(sink) => sink.send(batch).await,
             Sink::File(sink) => sink.send(batch).await,
+            Sink::Mqtt(sink) => sink.send(batch).await,
         }
     }
 }
@@ -230,6 +257,8 @@ struct Forwarder {
     /// The last send failed and is being retried: no lingering before the retry.
     retrying: bool,
     outage: Option<Outage>,
+    /// No summary batch leaves before this (see "Pacing" in the module docs).
+    paced_until: Option<Instant>,
 }
 
 impl Forwarder {
@@ -237,6 +266,7 @@ impl Forwarder {
         let (retry_initial, retry_max) = match &config.upstream {
             UpstreamConfig::Http(c) => (c.retry_initial, c.retry_max),
             UpstreamConfig::File(_) => (FILE_RETRY_INITIAL, FILE_RETRY_MAX),
+            UpstreamConfig::Mqtt(c) => (c.retry_initial, c.retry_max),
         };
         Self {
             outbox,
@@ -249,6 +279,29 @@ impl Forwarder {
             linger_since: None,
             retrying: false,
             outage: None,
+            paced_until: None,
+        }
+    }
+
+    /// Most records in a batch of `lane`: `batch.max_records`, and for paced summaries at
+    /// most one second's worth, so that a paced drain sends small batches evenly.
+    fn max_records(&self, lane: Lane) -> usize {
+        let max = self.batch.max_records.max(1);
+        match (lane, self.batch.drain_rate) {
+            (Lane::Summaries, Some(rate)) if rate.is_finite() && rate > 0.0 => {
+                max.min((rate.ceil() as usize).max(1))
+            }
+            _ => max,
+        }
+    }
+
+    /// A summary batch of `records` left at `started`: the next one waits for the pace.
+    fn pace(&mut self, started: Instant, records: usize) {
+        if let Some(rate) = self.batch.drain_rate.filter(|r| r.is_finite() && *r > 0.0) {
+            // At most a day: a rate that low is a typo, and the clock must not overflow.
+            let spacing = Duration::try_from_secs_f64(records as f64 / rate)
+                .map_or(Duration::from_secs(86_400), |d| d.min(Duration::from_secs(86_400)));
+            self.paced_until = Some(started + spacing);
         }
     }
 
@@ -257,7 +310,7 @@ impl Forwarder {
             let peeked_at = Instant::now();
             let records = self
                 .outbox
-                .peek(lane, self.batch.max_records.max(1), self.batch.max_bytes.bytes())
+                .peek(lane, self.max_records(lane), self.batch.max_bytes.bytes())
                 .map_err(|source| ForwardError::Outbox { action: "peek", lane, source })?;
             let Some(batch) = self.batch_of(lane, records) else {
                 // The lane emptied between `stats` and `peek` (eviction); look again, but
@@ -268,7 +321,12 @@ impl Forwarder {
                 break;
             };
             match self.sink.send(&batch).await {
-                Ok(()) => self.delivered(&batch)?,
+                Ok(()) => {
+                    self.delivered(&batch)?;
+                    if lane == Lane::Summaries {
+                        self.pace(peeked_at, batch.records.len());
+                    }
+                }
                 Err(error) if error.is_retryable() => {
                     let delay = self.failed(&batch, &error);
                     if !sleep_or_cancel(delay, &cancel).await {
@@ -304,6 +362,13 @@ impl Forwarder {
                 }
             }
             let now = Instant::now();
+            if let Some(until) = self.paced_until.filter(|until| now < *until) {
+                // Paced: wait, but look at the alerts lane every poll.
+                if !sleep_or_cancel(LINGER_POLL.min(until - now), cancel).await {
+                    return None;
+                }
+                continue;
+            }
             let deadline = *self.linger_since.get_or_insert(now) + self.batch.max_age;
             if self.retrying || now >= deadline || self.is_full(&stats.summaries) {
                 return Some(Lane::Summaries);
@@ -343,6 +408,7 @@ impl Forwarder {
         })?;
         Metrics::add(&self.metrics.upstream_sent_records, batch.records.len() as u64);
         Metrics::add(&self.metrics.upstream_sent_batches, 1);
+        self.metrics.record_sent(batch.records.len() as u64, std::time::Instant::now());
         debug!(
             lane = batch.lane.as_str(),
             first_seq = batch.first_seq,
@@ -497,9 +563,14 @@ pub(crate) mod tests {
         HttpUpstreamConfig {
             url: url.into(),
             compression,
+            format: sensors::wire::Format::Json,
             timeout: Duration::from_secs(5),
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(50),
+            token_env: None,
+            token_file: None,
+            basic: None,
+            tls: None,
             batch: BatchConfig::default(),
         }
     }
@@ -823,6 +894,70 @@ pub(crate) mod tests {
         let received = receiver.wait_for(1).await;
         assert!(received[0].at - start >= Duration::from_millis(200));
         assert_eq!(received[0].batch.records.len(), 1);
+        harness.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_alert_leaves_before_the_rest_of_a_big_summary_backlog() {
+        const BACKLOG: u64 = 10_000;
+        let receiver = Receiver::start().await;
+        let harness = Harness::start(http(&receiver.url, |c| c.batch.max_records = 20), |o| {
+            for seq in 1..=BACKLOG {
+                o.put(Lane::Summaries, seq, summary(seq)).unwrap();
+            }
+        });
+        receiver.wait_for(1).await;
+        let before = receiver.received().len();
+        let put_at = std::time::Instant::now();
+        harness.put_alerts(1..=1);
+        let alert_at = loop {
+            let received = receiver.received();
+            if let Some(i) = received.iter().position(|r| r.batch.lane == Lane::Alerts) {
+                break i;
+            }
+            assert!(put_at.elapsed() < Duration::from_secs(10), "the alert never left");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        // At most the summary batch in flight when the alert was put goes before it.
+        assert!(alert_at <= before + 1, "alert at {alert_at}, put after {before} batches");
+        harness.wait_until_empty().await;
+        let received = receiver.received();
+        let summaries_after =
+            received[alert_at..].iter().filter(|r| r.batch.lane == Lane::Summaries);
+        assert!(summaries_after.count() > 100, "the backlog was still draining");
+        let sent: usize = received.iter().map(|r| r.batch.records.len()).sum();
+        assert_eq!(sent as u64, BACKLOG + 1);
+        harness.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_paced_drain_keeps_to_the_drain_rate_and_never_delays_an_alert() {
+        let receiver = Receiver::start().await;
+        let harness = Harness::start(
+            http(&receiver.url, |c| {
+                c.batch.drain_rate = Some(200.0);
+                c.batch.max_age = Duration::ZERO;
+            }),
+            |o| {
+                for seq in 1..=300 {
+                    o.put(Lane::Summaries, seq, summary(seq)).unwrap();
+                }
+            },
+        );
+        receiver.wait_for(1).await;
+        // The second summary batch waits a second for the pace; an alert does not.
+        let put_at = std::time::Instant::now();
+        harness.put_alerts(1..=1);
+        let received = receiver.wait_for(3).await;
+        assert_eq!(lanes(&received), [Lane::Summaries, Lane::Alerts, Lane::Summaries]);
+        assert!(received[1].at - put_at < Duration::from_millis(500), "the alert was paced");
+        let sizes: Vec<usize> = received.iter().map(|r| r.batch.records.len()).collect();
+        assert_eq!(sizes, [200, 1, 100], "paced batches hold one second's worth");
+        let spacing = received[2].at - received[0].at;
+        assert!(spacing >= Duration::from_millis(900), "200 records at 200/s, then {spacing:?}");
+        assert!(spacing < Duration::from_secs(3), "{spacing:?}");
+        let rate = harness.metrics.send_rate(std::time::Instant::now());
+        assert!(rate > 0.0, "deliveries feed the send rate");
         harness.stop().await;
     }
 

@@ -426,6 +426,8 @@ fn a_long_outage_evicts_the_oldest_summaries_behind_a_gap_and_keeps_alerts_and_m
     const RSS_LIMIT_KB: u64 = 60 * 1024;
     let mut rig = Rig::new("gw-full");
     rig.config.buffer_max_bytes = Some("64 KiB".into());
+    // Eviction is what this test examines; compaction and TTL have their own (outage.rs).
+    rig.config.buffer_extra = "compact_above = \"off\"\n".into();
     rig.config.allowed_lateness = "500ms".into();
     rig.config.threshold_rule("hot", "s/dev-0", 50.0, 40.0);
     rig.receiver.refuse_connections();
