@@ -24,6 +24,8 @@ pub struct AgentConfig {
     pub upstream_url: String,
     /// `zstd`, `gzip` or `none`.
     pub compression: String,
+    /// `json` or `postcard`.
+    pub format: String,
     /// `[summary] window`.
     pub window: String,
     /// `[summary] allowed_lateness`.
@@ -50,6 +52,7 @@ impl AgentConfig {
             series: "{topic}".into(),
             upstream_url: upstream_url.to_string(),
             compression: "zstd".into(),
+            format: "json".into(),
             window: "1s".into(),
             allowed_lateness: "500ms".into(),
             buffer_max_bytes: None,
@@ -119,6 +122,7 @@ allowed_lateness = {lateness:?}
 kind = "http"
 url = {url:?}
 compression = {compression:?}
+format = {format:?}
 timeout = "5s"
 retry_initial = "20ms"
 retry_max = "200ms"
@@ -138,6 +142,7 @@ max_age = "50ms"
             buffer = buffer,
             url = self.upstream_url,
             compression = self.compression,
+            format = self.format,
             max_records = self.batch_max_records,
             extra = self.extra,
         )

@@ -3,6 +3,8 @@
 //!
 //! Build the binaries first: `cargo build -p edgewise -p firmware && cargo test -p edgewise-tests`.
 
+#[path = "e2e/collect.rs"]
+mod collect;
 #[path = "e2e/device.rs"]
 mod device;
 #[path = "e2e/harness.rs"]

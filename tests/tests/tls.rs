@@ -321,6 +321,8 @@ fn https_upstream_refuses_a_receiver_signed_by_another_ca() {
     wait_for(DEADLINE, "the agent to name the unknown CA", || {
         agent.logs().contains("UnknownIssuer")
     });
+    let logs = agent.logs();
+    assert!(logs.contains("check upstream.tls.ca_file"), "the log says what to fix:\n{logs}");
     wait_kept_in_outbox(&agent);
     assert!(receiver.accepted().is_empty());
     assert_eq!(receiver.unauthorized(), 0, "no request got past the handshake");

@@ -148,7 +148,7 @@ impl HttpSink {
             .body(body)
             .send()
             .await
-            .map_err(|e| SendError::Retryable { reason: error_chain(&e), retry_after: None })?;
+            .map_err(|e| SendError::Retryable { reason: explained(&e), retry_after: None })?;
         classify(response).await
     }
 }
@@ -306,6 +306,16 @@ fn days_since_epoch(year: u64, month: u64, day: u64) -> u64 {
 
 /// An error and its sources on one line: reqwest's own message ("error sending request")
 /// hides the cause (connection refused, DNS, TLS) that a technician needs.
+/// [`error_chain`] plus a hint for the TLS failures a configuration causes (an unknown CA, a
+/// missing client certificate, a name mismatch), so the log says which key to fix.
+fn explained(error: &dyn std::error::Error) -> String {
+    let text = error_chain(error);
+    match super::tls::explain(&text) {
+        Some(hint) => format!("{text} ({hint})"),
+        None => text,
+    }
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
