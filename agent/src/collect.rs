@@ -49,7 +49,6 @@
 //! lets requests in flight finish for up to [`SHUTDOWN_GRACE`], and returns the totals.
 
 use std::collections::{BTreeSet, HashMap};
-use std::convert::Infallible;
 use std::fs::File;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
@@ -58,17 +57,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::http_server::{self, Limits};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use sensors::record::{Batch, Lane, Record, RecordBody};
 use sensors::wire::{self, Compression, Format, WireError};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 /// Most connections served at once; more wait in the listen backlog. A reference receiver
@@ -205,60 +201,17 @@ impl Collector {
     /// Serves until `shutdown` resolves, then lets requests in flight finish (up to
     /// [`SHUTDOWN_GRACE`]) and returns the totals.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Totals {
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-        tokio::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                () = &mut shutdown => break,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break, // never closed
-                },
-            };
-            let (stream, peer) = tokio::select! {
-                () = &mut shutdown => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // EMFILE and friends: back off a little rather than spin.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let shared = self.shared.clone();
-            let cancel = cancel.clone();
-            let connection = http.serve_connection(
-                TokioIo::new(stream),
-                hyper::service::service_fn(move |request| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(request, &shared).await) }
-                }),
-            );
-            tracker.spawn(async move {
-                let _permit = permit;
-                tokio::pin!(connection);
-                let result = tokio::select! {
-                    result = connection.as_mut() => result,
-                    () = cancel.cancelled() => {
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-            });
-        }
-        drop(self.listener);
-        cancel.cancel();
-        tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        let limits = Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+            shutdown_grace: SHUTDOWN_GRACE,
+        };
+        let shared = self.shared.clone();
+        let service = move |request: Request<Incoming>, _peer: SocketAddr| {
+            let shared = shared.clone();
+            async move { handle(request, &shared).await }
+        };
+        if !http_server::serve("collect", self.listener, limits, service, shutdown).await {
             warn!(grace = ?SHUTDOWN_GRACE, "requests still in flight at shutdown were abandoned");
         }
         lock(&self.shared.state).totals

@@ -41,6 +41,53 @@ pub struct Config {
     pub buffer: BufferConfig,
     /// Where records go.
     pub upstream: UpstreamConfig,
+    /// The local HTTP API (health, readiness, metrics, status).
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// `[api]`: the local HTTP API (`/healthz`, `/readyz`, `/metrics`, `/api/v1/...`).
+///
+/// `listen` defaults to [`DEFAULT_API_LISTEN`]; `"off"` disables the API. When the default
+/// address is in use (another agent on the same host), the agent logs one warning and runs
+/// without the API; an address set explicitly that is in use stops the agent at start. A
+/// listener on a non-loopback address needs `token_env` or `token_file`: requests then need
+/// `Authorization: Bearer <token>` (except `/healthz`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `host:port` to listen on, or `"off"`; unset means [`DEFAULT_API_LISTEN`].
+    pub listen: Option<String>,
+    /// Environment variable holding the bearer token.
+    pub token_env: Option<String>,
+    /// File holding the bearer token.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Where the API listens when `[api] listen` is not set: loopback only, no token needed.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9898";
+
+impl ApiConfig {
+    /// The address to listen on; `Ok(None)` when the API is `"off"`.
+    pub fn address(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let text = self.listen.as_deref().unwrap_or(DEFAULT_API_LISTEN).trim();
+        if text == "off" {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            format!("`{text}` is not an address: use host:port, e.g. 127.0.0.1:9898, or \"off\"")
+        })
+    }
+
+    /// Whether `listen` was left unset (see the type's docs for what that changes).
+    pub fn is_default_listen(&self) -> bool {
+        self.listen.is_none()
+    }
+
+    /// Where the bearer token comes from, if set.
+    pub fn token_source(&self) -> Result<Option<SecretSource>, String> {
+        SecretSource::from_keys("token", self.token_env.as_deref(), self.token_file.as_deref())
+    }
 }
 
 /// `[agent]`
@@ -1302,6 +1349,7 @@ fn check_sections(
             "rules" => tagged_list(value, name, problems, &rule, crate::rules::KINDS),
             "summary" => one::<SummaryConfig>(value, file, text, name, problems),
             "buffer" => one::<BufferConfig>(value, file, text, name, problems),
+            "api" => one::<ApiConfig>(value, file, text, name, problems),
             "upstream" => {
                 let kinds = "\"http\", \"mqtt\", \"file\"";
                 tagged(value, file, text, name, problems, &upstream, kinds)
@@ -1315,7 +1363,7 @@ fn check_sections(
                     message: format!("unknown section `{other}`"),
                     hint: Some(
                         "sections are agent, storage, journal, sources, rules, summary, \
-                         buffer, upstream"
+                         buffer, upstream, api"
                             .into(),
                     ),
                 });
@@ -1798,8 +1846,37 @@ impl Config {
                 Some("leave it out to send as fast as the upstream acknowledges"),
             );
         }
+        for (key, message, hint) in api_issues(&self.api, purpose) {
+            issue(format!("api.{key}"), message, hint);
+        }
         issues
     }
+}
+
+/// Checks `[api]`: the address, and a token for a listener other than loopback (read only
+/// for `Purpose::Run`).
+fn api_issues(api: &ApiConfig, purpose: Purpose) -> Vec<UpstreamIssue> {
+    let mut out = Vec::new();
+    let address = match api.address() {
+        Ok(address) => address,
+        Err(message) => {
+            out.push(("listen".into(), message, None));
+            None
+        }
+    };
+    match api.token_source() {
+        Err(message) => out.push(("token_env".into(), message, None)),
+        Ok(None) if address.is_some_and(|a| !a.ip().is_loopback()) => out.push((
+            "token_env".into(),
+            "a listener on a non-loopback address needs a token".into(),
+            Some("set token_env or token_file, or listen on 127.0.0.1"),
+        )),
+        Ok(Some(source)) if purpose == Purpose::Run && address.is_some() => {
+            check_secret(&source, "token", &mut out);
+        }
+        Ok(_) => {}
+    }
+    out
 }
 
 /// Most simulated series listed one by one for the pattern check; above it the device part of
@@ -2135,6 +2212,25 @@ path = "out.jsonl"
         assert_eq!(c.buffer.max_bytes, ByteSize(64 << 20));
         assert_eq!(c.summary.window, Duration::from_secs(60));
         assert_eq!(c.journal.commit_interval, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn the_api_needs_a_token_beyond_loopback() {
+        let c = load_str("t.toml", MINIMAL).unwrap();
+        assert_eq!(c.api.address(), Ok(Some(DEFAULT_API_LISTEN.parse().unwrap())));
+        assert!(c.api.is_default_listen());
+        let with = |api: &str| load_str("t.toml", &format!("{MINIMAL}\n[api]\n{api}\n"));
+        assert_eq!(with("listen = \"off\"").unwrap().api.address(), Ok(None));
+        assert!(with("listen = \"127.0.0.1:9000\"").is_ok(), "loopback needs no token");
+        let errors = with("listen = \"0.0.0.0:9000\"").unwrap_err().to_string();
+        assert!(errors.contains("api.token_env") && errors.contains("non-loopback"), "{errors}");
+        let errors = with("listen = \"nowhere\"").unwrap_err().to_string();
+        assert!(errors.contains("api.listen"), "{errors}");
+        let errors =
+            with("listen = \"0.0.0.0:9000\"\ntoken_env = \"EDGEWISE_TEST_UNSET_API_TOKEN\"")
+                .unwrap_err()
+                .to_string();
+        assert!(errors.contains("EDGEWISE_TEST_UNSET_API_TOKEN"), "{errors}");
     }
 
     #[test]

@@ -24,16 +24,24 @@
 //! - [`topology`]: spawns the tasks and runs the one shutdown path.
 //! - [`metrics`]: counters shared by all stages.
 //! - [`collect`]: `edgewise collect`, the reference receiver for backends.
+//! - [`api`]: the local HTTP API (health, readiness, Prometheus metrics, JSON read side).
+//! - [`readmodel`]: what the processor publishes for the API (latest values, alerts).
+//! - [`http_server`]: the hyper accept loop shared by the API and `collect`.
+//! - [`api`]: the local HTTP API (health, readiness, Prometheus metrics, status JSON) beside
+//!   the data path, reading [`metrics`] and the processor's [`readmodel`].
 
+pub mod api;
 pub mod collect;
 pub mod compact;
 pub mod config;
 pub mod event;
 pub mod forward;
+pub mod http_server;
 pub mod journal;
 pub mod metrics;
 pub mod outbox;
 pub mod processor;
+pub mod readmodel;
 pub mod recording;
 pub mod reload;
 pub mod replay;

@@ -1,5 +1,5 @@
 //! The `edgewise` command line: `run`, `check`, `replay`, `journal export`, `collect`,
-//! `--version`.
+//! `status`, `--version`.
 //!
 //! Exit status: 0 on success, 2 for a usage, configuration or input-file error (fix the
 //! command or the file), 1 for a failure while working.
@@ -91,6 +91,18 @@ enum Command {
         /// Largest request body as received (compressed): `16 MiB`, `512 KiB`, bytes.
         #[arg(long, default_value = "16 MiB", value_name = "SIZE", value_parser = parse_size)]
         max_body: usize,
+    },
+    /// Show the running agent's status and active alerts (from its local API).
+    Status {
+        /// The agent's configuration: its `[api] listen` address and token.
+        #[arg(long, short, env = "EDGEWISE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The API's address (default: `[api] listen` of --config, else 127.0.0.1:9898).
+        #[arg(long, value_name = "ADDR")]
+        api: Option<SocketAddr>,
+        /// Environment variable holding the API's bearer token (default: the config's).
+        #[arg(long, value_name = "VAR")]
+        token_env: Option<String>,
     },
 }
 
@@ -190,7 +202,103 @@ fn main() -> ExitCode {
             init_logging();
             collect(&edgewise::collect::CollectOptions { listen, out, max_body })
         }
+        Command::Status { config, api, token_env } => status(config, api, token_env),
     }
+}
+
+/// `edgewise status`: GETs `/api/v1/status` and `/api/v1/alerts` and prints a table.
+fn status(config: Option<PathBuf>, api: Option<SocketAddr>, token_env: Option<String>) -> ExitCode {
+    let loaded = match &config {
+        Some(path) => match config::load_for(path, config::Purpose::Offline) {
+            Ok(c) => Some(c),
+            Err(errors) => return config_error(&errors),
+        },
+        None => None,
+    };
+    let addr = match (api, &loaded) {
+        (Some(addr), _) => addr,
+        (None, Some(c)) => match c.api.address() {
+            Ok(Some(addr)) => addr,
+            Ok(None) => {
+                eprintln!("edgewise status: the API is off in this configuration ([api] listen)");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("edgewise status: [api] listen: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => match config::DEFAULT_API_LISTEN.parse() {
+            Ok(addr) => addr,
+            Err(_) => return ExitCode::FAILURE,
+        },
+    };
+    let source = match token_env {
+        Some(var) => Ok(Some(config::SecretSource::Env(var))),
+        None => loaded.as_ref().map_or(Ok(None), |c| c.api.token_source()),
+    };
+    let token = match source.and_then(|s| s.map(|s| s.resolve()).transpose()) {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("edgewise status: token: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fetch_status(addr, token.as_ref())) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgewise status: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How long `edgewise status` waits for the agent: it answers from memory, at once.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn fetch_status(addr: SocketAddr, token: Option<&config::Secret>) -> Result<String, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(STATUS_TIMEOUT)
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let get = |path: &'static str| {
+        let mut request = client.get(format!("http://{addr}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token.expose());
+        }
+        async move {
+            let response = request.send().await.map_err(|e| {
+                if e.is_connect() || e.is_timeout() {
+                    format!("no agent answering at {addr} (is it running, with [api] listen = \"{addr}\"?)")
+                } else {
+                    format!("GET {path} from {addr}: {e}")
+                }
+            })?;
+            let code = response.status();
+            let body = response.text().await.map_err(|e| format!("GET {path}: {e}"))?;
+            if !code.is_success() {
+                return Err(format!("GET {path} from {addr}: {code}: {}", body.trim()));
+            }
+            Ok(body)
+        }
+    };
+    let status: edgewise::api::Status = serde_json::from_str(&get("/api/v1/status").await?)
+        .map_err(|e| format!("unexpected /api/v1/status answer: {e}"))?;
+    let alerts: edgewise::readmodel::AlertsView =
+        serde_json::from_str(&get("/api/v1/alerts").await?)
+            .map_err(|e| format!("unexpected /api/v1/alerts answer: {e}"))?;
+    Ok(edgewise::api::format_status(&status, &alerts))
 }
 
 /// `edgewise collect`: serves until SIGTERM/SIGINT, then prints the totals.

@@ -64,6 +64,13 @@ pub struct Metrics {
     devices: Mutex<BTreeMap<String, DeviceCounters>>,
     /// Records delivered upstream per second, recently: the drain time estimate.
     send_rate: Mutex<SendRate>,
+    /// Gauge by source name: whether the source is connected (MQTT: between ConnAck and a
+    /// connection error; serial: the port is open; simulated: always). Bounded by the
+    /// configuration.
+    connected: Mutex<BTreeMap<String, bool>>,
+    /// Alert transitions by rule name: `(raised, cleared)`. Bounded by the number of rules
+    /// (those of earlier configurations stay after a reload, like the other counters).
+    alerts_by_rule: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
 /// A point in time that may be unknown, as an atomic (`i64::MIN` stands for none).
@@ -228,6 +235,41 @@ impl Metrics {
         }
         let rate = self.send_rate(now);
         (rate > 0.0).then(|| (records as f64 / rate).ceil() as u64)
+    }
+
+    /// Sets the `connected` gauge of `source`.
+    pub fn set_connected(&self, source: &str, connected: bool) {
+        let mut map = self.connected.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(source) {
+            Some(value) => *value = connected,
+            None => {
+                map.insert(source.to_string(), connected);
+            }
+        }
+    }
+
+    /// The `connected` gauge by source (sources that never reported are absent).
+    pub fn connected(&self) -> BTreeMap<String, bool> {
+        self.connected.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Counts one alert transition of `rule` (`raised` or cleared).
+    pub fn alert_transition(&self, rule: &str, raised: bool) {
+        let mut map = self.alerts_by_rule.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = match map.get_mut(rule) {
+            Some(entry) => entry,
+            None => map.entry(rule.to_string()).or_default(),
+        };
+        if raised {
+            entry.0 += 1;
+        } else {
+            entry.1 += 1;
+        }
+    }
+
+    /// Alert transitions by rule: `(raised, cleared)`.
+    pub fn alerts_by_rule(&self) -> BTreeMap<String, (u64, u64)> {
+        self.alerts_by_rule.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn device_counters(&self, source: &str, update: impl FnOnce(&mut DeviceCounters)) {

@@ -60,6 +60,7 @@ use crate::event::{self, Entry};
 use crate::journal::{JournalError, JournalReader};
 use crate::metrics::{self, Metrics};
 use crate::outbox::{Outbox, OutboxError};
+use crate::readmodel::ReadModel;
 use crate::rules::{RuleError, Rules, RulesState, ScoreSample};
 use crate::store::{Store, StoreError};
 use crate::summary::{Admission, SummaryError, Windows, WindowsState};
@@ -347,6 +348,7 @@ impl Processor {
                 AlertState::Raised => Metrics::add(&metrics.alerts_raised, 1),
                 AlertState::Cleared => Metrics::add(&metrics.alerts_cleared, 1),
             }
+            metrics.alert_transition(&alert.rule, alert.state == AlertState::Raised);
             self.last_alert_seq += 1;
             out.push(Output {
                 lane: Lane::Alerts,
@@ -489,6 +491,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     replay_through: u64,
     mut reload: watch::Receiver<Arc<Config>>,
+    readmodel: Arc<ReadModel>,
 ) -> Result<(), ProcessorError> {
     let mut config = config;
     let (mut processor, lost) = load(&config, &store)?;
@@ -506,9 +509,11 @@ pub async fn run(
     // Replay reads sled and writes the outbox for as long as the journal is: off the runtime.
     let replay = {
         let (reader, outbox, metrics) = (reader.clone(), outbox.clone(), Arc::clone(&metrics));
+        let readmodel = Arc::clone(&readmodel);
         tokio::task::spawn_blocking(move || {
             let until = replay_through.saturating_add(1);
-            let replayed = catch_up(&mut processor, &reader, &outbox, &metrics, until)?;
+            let sinks = (&outbox, &*readmodel);
+            let replayed = catch_up(&mut processor, &reader, sinks, &metrics, until)?;
             Ok::<_, ProcessorError>((processor, replayed))
         })
     };
@@ -580,10 +585,11 @@ pub async fn run(
                             next = seq,
                             "gap in the processor's input; reading it from the journal"
                         );
-                        catch_up(&mut processor, &reader, &outbox, &metrics, seq)?;
+                        catch_up(&mut processor, &reader, (&outbox, &readmodel), &metrics, seq)?;
                     }
                     processor.apply(seq, &entry, &metrics, &mut out);
-                    write(&outbox, &mut out)?;
+                    publish(&readmodel, seq, &entry);
+                    write((&outbox, &readmodel), &mut out)?;
                 }
             }
             _ = timer.tick() => {
@@ -612,6 +618,15 @@ pub async fn run(
         "processor stopped; open windows continue after the restart"
     );
     Ok(())
+}
+
+/// Publishes an applied entry to the API's read model (write only: the processor never
+/// reads it back): its seq, and an event's source and value.
+fn publish(readmodel: &ReadModel, seq: u64, entry: &Entry) {
+    if let Entry::Event(event) = entry {
+        readmodel.publish_event(event.source, &event.series, event.ts_ms, event.value);
+    }
+    readmodel.publish_position(seq);
 }
 
 /// Restores the processor from the store's snapshot, or a fresh one if there is none or it
@@ -663,7 +678,7 @@ fn load(config: &Config, store: &Store) -> Result<(Processor, bool), ProcessorEr
 fn catch_up(
     processor: &mut Processor,
     reader: &JournalReader,
-    outbox: &Outbox,
+    sinks: (&Outbox, &ReadModel),
     metrics: &Metrics,
     until: u64,
 ) -> Result<u64, ProcessorError> {
@@ -674,7 +689,8 @@ fn catch_up(
             Ok((seq, _)) if seq >= until => break,
             Ok((seq, entry)) => {
                 processor.apply(seq, &entry, metrics, &mut out);
-                write(outbox, &mut out)?;
+                publish(sinks.1, seq, &entry);
+                write(sinks, &mut out)?;
                 applied += 1;
             }
             Err(error @ JournalError::Corrupt { .. }) => {
@@ -689,8 +705,14 @@ fn catch_up(
 
 /// Writes and drains `out`. A seq the outbox already holds was written by the run that
 /// crashed after it; replay regenerated the same record, so skipping it is right.
-fn write(outbox: &Outbox, out: &mut Vec<Output>) -> Result<(), ProcessorError> {
+fn write(
+    (outbox, readmodel): (&Outbox, &ReadModel),
+    out: &mut Vec<Output>,
+) -> Result<(), ProcessorError> {
     for Output { lane, seq, body } in out.drain(..) {
+        if let RecordBody::Alert(alert) = &body {
+            readmodel.publish_alert(alert);
+        }
         let fresh = outbox.put(lane, seq, body).map_err(|source| ProcessorError::Outbox {
             lane,
             seq,
@@ -1148,6 +1170,7 @@ mod tests {
                 metrics,
                 u64::MAX,
                 reload_rx,
+                Arc::default(),
             )
             .await
             .unwrap();
@@ -1250,6 +1273,7 @@ mod tests {
                 metrics,
                 u64::MAX,
                 watch::channel(config.clone()).1,
+                Arc::default(),
             ));
             tx.send(batch).await.unwrap();
             let mut snapshotted = false;

@@ -57,6 +57,9 @@ pub enum TopologyError {
     /// The outbox could not be opened.
     #[error("cannot open the outbox: {0}")]
     Outbox(#[from] crate::outbox::OutboxError),
+    /// The API could not start (its address is in use, its token unreadable).
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// A stage failed while running.
     #[error("{stage} failed: {reason}")]
     Stage {
@@ -83,6 +86,8 @@ pub async fn run_with_metrics(
     // reqwest and (later) rumqttc TLS use the process-wide rustls provider: ring, never aws-lc.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = Arc::new(config);
+    // Bound before anything is opened: an address in use stops the start with a clear error.
+    let api = crate::api::bind(&config.api).await?;
     let dir = config.agent.data_dir.clone();
     let (store, report) = Store::open(&dir, config.storage.cache_capacity.bytes())
         .map_err(|source| TopologyError::Store { dir: dir.display().to_string(), source })?;
@@ -105,6 +110,7 @@ pub async fn run_with_metrics(
         env!("CARGO_PKG_VERSION")
     );
 
+    let readmodel = Arc::new(crate::readmodel::ReadModel::default());
     let (ingest_tx, ingest_rx) = mpsc::channel(INGEST_CHANNEL_CAPACITY);
     let (processor_tx, processor_rx) = mpsc::channel(PROCESSOR_CHANNEL_CAPACITY);
     let source_cancel = CancellationToken::new();
@@ -138,6 +144,7 @@ pub async fn run_with_metrics(
             metrics.clone(),
             recovered_through,
             reload_rx,
+            readmodel.clone(),
         )),
     );
     let forwarder = watch_stage(
@@ -177,6 +184,16 @@ pub async fn run_with_metrics(
         outbox.clone(),
         status_stop.clone(),
     ));
+    let api_stop = CancellationToken::new();
+    let api = api.map(|api| {
+        let view = crate::api::View {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            outbox: outbox.clone(),
+            readmodel: readmodel.clone(),
+        };
+        tokio::spawn(api.serve(view, api_stop.clone().cancelled_owned()))
+    });
 
     let mut result = Ok(());
     tokio::select! {
@@ -215,6 +232,13 @@ pub async fn run_with_metrics(
     status_stop.cancel();
     if let Err(e) = status.await {
         warn!(error = %e, "status task failed");
+    }
+    // The API answers until here, so the final counters can still be scraped.
+    api_stop.cancel();
+    if let Some(api) = api
+        && let Err(e) = api.await
+    {
+        warn!(error = %e, "API task failed");
     }
     let stats = outbox.stats();
     info!(

@@ -291,6 +291,7 @@ impl Poller {
 
     fn on_connack(&mut self, connack: &ConnAck) {
         self.backoff.reset();
+        self.metrics.set_connected(&self.settings.name, true);
         tracing::info!(
             source = %self.settings.name,
             broker = %self.broker,
@@ -336,6 +337,7 @@ impl Poller {
 
     fn on_error(&mut self, error: &rumqttc::ConnectionError) {
         self.failures += 1;
+        self.metrics.set_connected(&self.settings.name, false);
         match self.link {
             Link::Up => tracing::warn!(
                 source = %self.settings.name, broker = %self.broker, %error,

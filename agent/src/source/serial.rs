@@ -681,6 +681,7 @@ impl Port<'_> {
             match open(self.config) {
                 Ok(mut stream) => {
                     tracing::info!(source = %name, %path, "serial device opened");
+                    self.metrics.set_connected(&name, true);
                     backoff.reset();
                     self.framer.reset();
                     loop {
@@ -704,9 +705,11 @@ impl Port<'_> {
                             return Ok(());
                         }
                     }
+                    self.metrics.set_connected(&name, false);
                     down = true;
                 }
                 Err(e) => {
+                    self.metrics.set_connected(&name, false);
                     if !down {
                         tracing::warn!(source = %name, %path, error = %e, "cannot open the serial device; retrying");
                     } else {
