@@ -299,10 +299,13 @@ pub fn readiness(view: &View, journal_committing: bool) -> Readiness {
         let reason = if ok { "connected" } else { "not connected" };
         checks.push(Check { name: format!("source:{name}"), ok, reason: reason.into() });
     }
+    let flush_failing = metrics::get(&metrics.journal_flush_failing) == 1;
     checks.push(Check {
         name: "journal".into(),
-        ok: journal_committing,
-        reason: if journal_committing {
+        ok: journal_committing && !flush_failing,
+        reason: if flush_failing {
+            "the last flush failed (disk full or read-only?); acks wait for a successful one".into()
+        } else if journal_committing {
             "committing".into()
         } else {
             format!(
@@ -601,6 +604,12 @@ impl Collector for ScrapeCollector {
             Counter,
             get(&m.journal_commits),
         )?;
+        f.one(
+            "journal_flush_failures",
+            "Journal flushes that failed (each retry counts).",
+            Counter,
+            get(&m.journal_flush_failures),
+        )?;
         let durable = metrics::get(&m.journal_durable_seq);
         f.one("journal_durable_seq", "Highest durable journal sequence.", Gauge, durable as f64)?;
         let lag = durable.saturating_sub(view.readmodel.position());
@@ -894,6 +903,13 @@ mod tests {
 
         view.metrics.upstream_up.store(1, Ordering::Relaxed);
         assert!(readiness(&view, true).ready);
+
+        // A failing flush makes the journal unready even while commits were recent.
+        view.metrics.journal_flush_failing.store(1, Ordering::Relaxed);
+        let ready = readiness(&view, true);
+        assert!(!ready.ready);
+        let journal = ready.checks.iter().find(|c| c.name == "journal").unwrap();
+        assert!(!journal.ok && journal.reason.contains("flush failed"), "{journal:?}");
     }
 
     #[test]

@@ -457,8 +457,13 @@ where
     let mut delay = FLUSH_RETRY_MIN;
     loop {
         match tokio::task::spawn_blocking(flush.clone()).await {
-            Ok(Ok(())) => break,
+            Ok(Ok(())) => {
+                metrics.journal_flush_failing.store(0, Ordering::Relaxed);
+                break;
+            }
             Ok(Err(error)) => {
+                Metrics::add(&metrics.journal_flush_failures, 1);
+                metrics.journal_flush_failing.store(1, Ordering::Relaxed);
                 tracing::error!(
                     %error,
                     retry_in = ?delay,
@@ -781,6 +786,8 @@ mod tests {
         assert_eq!(values(&handed), vec![1.0, 2.0, 3.0]);
         assert_eq!(metrics.events_in.load(Ordering::Relaxed), 3);
         assert_eq!(metrics.journal_durable_seq.load(Ordering::Relaxed), 3);
+        assert_eq!(metrics.journal_flush_failures.load(Ordering::Relaxed), 2);
+        assert_eq!(metrics.journal_flush_failing.load(Ordering::Relaxed), 0, "healed");
         drop(tx);
         within("writer exit", writer).await.unwrap().unwrap();
     }

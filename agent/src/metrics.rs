@@ -18,6 +18,11 @@ pub struct Metrics {
     pub redeliveries_dropped: AtomicU64,
     /// Group commits (fsyncs) of the journal.
     pub journal_commits: AtomicU64,
+    /// Journal flushes that failed (each retry counts); `/readyz` is not ready while the
+    /// last flush failed.
+    pub journal_flush_failures: AtomicU64,
+    /// 1 while the journal's last flush failed, 0 after a successful one.
+    pub journal_flush_failing: AtomicU64,
     /// Highest durable journal sequence.
     pub journal_durable_seq: AtomicU64,
     /// Events applied by the processor.
