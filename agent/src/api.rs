@@ -23,8 +23,9 @@
 //! # Readiness
 //!
 //! Ready when every check passes: each source connected (simulated sources always are), the
-//! journal committing (a commit within [`JOURNAL_STALL`] or three tick intervals, whichever
-//! is longer: ticks are committed also when idle, so a stall means flushes fail), and the
+//! journal committing (its last flush succeeded, and a commit within [`JOURNAL_STALL`] or
+//! three tick intervals, whichever is longer: ticks are committed also when idle, so a stall
+//! means flushes hang or the writer stopped), and the
 //! upstream not known to be down (up, or idle with no failure yet).
 //!
 //! # Limits
@@ -34,7 +35,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
@@ -143,15 +144,7 @@ impl Api {
     /// [`SHUTDOWN_GRACE`]).
     pub async fn serve(self, view: View, shutdown: impl Future<Output = ()>) {
         info!(addr = %self.addr, token = self.token.is_some(), "API listening");
-        let shared = Arc::new(Shared {
-            journal: Mutex::new(JournalWatch {
-                commits: metrics::get(&view.metrics.journal_commits),
-                at: Instant::now(),
-            }),
-            view,
-            token: self.token,
-            started: Instant::now(),
-        });
+        let shared = Arc::new(Shared { view, token: self.token, started: Instant::now() });
         let limits = Limits {
             max_connections: MAX_CONNECTIONS,
             header_timeout: HEADER_TIMEOUT,
@@ -170,27 +163,6 @@ struct Shared {
     view: View,
     token: Option<Secret>,
     started: Instant,
-    journal: Mutex<JournalWatch>,
-}
-
-/// The journal's commit count when it last changed.
-#[derive(Debug)]
-struct JournalWatch {
-    commits: u64,
-    at: Instant,
-}
-
-impl Shared {
-    /// Whether the journal committed lately.
-    fn journal_committing(&self, now: Instant) -> bool {
-        let commits = metrics::get(&self.view.metrics.journal_commits);
-        let mut watch = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        if commits != watch.commits {
-            *watch = JournalWatch { commits, at: now };
-        }
-        let stall = JOURNAL_STALL.max(self.view.config.journal.tick_interval * 3);
-        now.saturating_duration_since(watch.at) <= stall
-    }
 }
 
 fn handle(request: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
@@ -213,7 +185,7 @@ fn handle(request: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>>
     let view = &shared.view;
     match path {
         "/readyz" => {
-            let ready = readiness(view, shared.journal_committing(Instant::now()));
+            let ready = readiness(view, crate::event::now_ms());
             let status = if ready.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             json(status, &ready)
         }
@@ -288,9 +260,13 @@ pub struct Check {
     pub reason: String,
 }
 
-/// The readiness checks (see the module docs); `journal_committing` is measured by the caller.
-pub fn readiness(view: &View, journal_committing: bool) -> Readiness {
+/// The readiness checks (see the module docs) at wall-clock time `now_ms`.
+pub fn readiness(view: &View, now_ms: i64) -> Readiness {
     let metrics = &view.metrics;
+    let stall = JOURNAL_STALL.max(view.config.journal.tick_interval * 3);
+    let last_commit = metrics::get(&metrics.journal_last_commit_ms) as i64;
+    let journal_committing =
+        last_commit > 0 && now_ms.saturating_sub(last_commit) <= stall.as_millis() as i64;
     let connected = metrics.connected();
     let mut checks = Vec::new();
     for source in &view.config.sources {
@@ -310,7 +286,7 @@ pub fn readiness(view: &View, journal_committing: bool) -> Readiness {
         } else {
             format!(
                 "no commit for more than {}s: flushes fail or the writer stalls",
-                JOURNAL_STALL.as_secs()
+                stall.as_secs()
             )
         },
     });
@@ -860,8 +836,14 @@ mod tests {
         m.set_connected("plant", true);
         m.alert_transition("hot", true);
         m.journal_durable_seq.store(10, Ordering::Relaxed);
-        view.readmodel.publish_event(0, "pump-1/temperature", 1, 20.0);
-        view.readmodel.publish_position(7);
+        let event = crate::event::Event {
+            series: "pump-1/temperature".into(),
+            ts_ms: 1,
+            value: 20.0,
+            received_ms: 1,
+            source: 0,
+        };
+        view.readmodel.publish_applied([(7, &crate::event::Entry::Event(event))]);
         let text = render_metrics(&view);
         assert!(text.contains("# TYPE edgewise_events_in counter"), "{text}");
         assert_eq!(sample(&text, "edgewise_events_in_total"), Some(42.0), "{text}");
@@ -885,28 +867,31 @@ mod tests {
     fn readiness_names_each_failed_check() {
         let dir = tempfile::tempdir().unwrap();
         let view = view(dir.path());
-        let ready = readiness(&view, true);
+        let now = 1_800_000_000_000;
+        view.metrics.journal_last_commit_ms.store(now as u64 - 500, Ordering::Relaxed);
+        let ready = readiness(&view, now);
         assert!(!ready.ready);
         let failed: Vec<_> =
             ready.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
         assert_eq!(failed, ["source:plant"], "the simulated source is always connected");
 
         view.metrics.set_connected("plant", true);
-        assert!(readiness(&view, true).ready, "idle upstream with no failure is ready");
+        assert!(readiness(&view, now).ready, "idle upstream with no failure is ready");
 
         view.metrics.upstream_failures.store(2, Ordering::Relaxed);
-        let ready = readiness(&view, false);
+        // No commit for a minute: the writer stalls.
+        let ready = readiness(&view, now + 60_000);
         let failed: Vec<_> =
             ready.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
         assert_eq!(failed, ["journal", "upstream"]);
         assert!(ready.checks.iter().any(|c| c.reason.contains("2 failures")));
 
         view.metrics.upstream_up.store(1, Ordering::Relaxed);
-        assert!(readiness(&view, true).ready);
+        assert!(readiness(&view, now).ready);
 
         // A failing flush makes the journal unready even while commits were recent.
         view.metrics.journal_flush_failing.store(1, Ordering::Relaxed);
-        let ready = readiness(&view, true);
+        let ready = readiness(&view, now);
         assert!(!ready.ready);
         let journal = ready.checks.iter().find(|c| c.name == "journal").unwrap();
         assert!(!journal.ok && journal.reason.contains("flush failed"), "{journal:?}");

@@ -482,6 +482,8 @@ where
     pending.items = 0;
     metrics.journal_durable_seq.store(journal.last_seq(), Ordering::Relaxed);
     Metrics::add(&metrics.journal_commits, 1);
+    let now = u64::try_from(crate::event::now_ms()).unwrap_or(0);
+    metrics.journal_last_commit_ms.store(now, Ordering::Relaxed);
     if !pending.entries.is_empty() {
         let entries = std::mem::take(&mut pending.entries);
         to_processor
@@ -788,6 +790,7 @@ mod tests {
         assert_eq!(metrics.journal_durable_seq.load(Ordering::Relaxed), 3);
         assert_eq!(metrics.journal_flush_failures.load(Ordering::Relaxed), 2);
         assert_eq!(metrics.journal_flush_failing.load(Ordering::Relaxed), 0, "healed");
+        assert!(metrics.journal_last_commit_ms.load(Ordering::Relaxed) > 0);
         drop(tx);
         within("writer exit", writer).await.unwrap().unwrap();
     }

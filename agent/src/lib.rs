@@ -52,3 +52,16 @@ pub mod summary;
 pub mod topology;
 
 pub use topology::run;
+
+/// An error and its sources on one line, `outer: cause: root cause`: what logs and the CLI
+/// print, since reqwest, hyper and rustls put the useful part in the sources.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

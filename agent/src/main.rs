@@ -335,13 +335,7 @@ fn collect(options: &edgewise::collect::CollectOptions) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            eprintln!("edgewise collect: {text}");
+            eprintln!("edgewise collect: {}", edgewise::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub journal_flush_failures: AtomicU64,
     /// 1 while the journal's last flush failed, 0 after a successful one.
     pub journal_flush_failing: AtomicU64,
+    /// Wall-clock time (ms since the epoch) of the journal's last commit; 0 before the first.
+    pub journal_last_commit_ms: AtomicU64,
     /// Highest durable journal sequence.
     pub journal_durable_seq: AtomicU64,
     /// Events applied by the processor.

@@ -572,10 +572,10 @@ pub async fn run(
             }
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
-                for (seq, entry) in batch {
-                    if seq <= processor.position() {
-                        continue;
-                    }
+                // Entries already applied (a catch-up read them) are skipped; the rest are
+                // published once for the whole batch: one read-model lock per batch.
+                let fresh = batch.partition_point(|(seq, _)| *seq <= processor.position());
+                for &(seq, ref entry) in &batch[fresh..] {
                     if seq > processor.position() + 1 {
                         // Entries before a committed one are committed too: read what the
                         // channel skipped (it cannot, by the journal's contract, but a gap
@@ -587,10 +587,10 @@ pub async fn run(
                         );
                         catch_up(&mut processor, &reader, (&outbox, &readmodel), &metrics, seq)?;
                     }
-                    processor.apply(seq, &entry, &metrics, &mut out);
-                    publish(&readmodel, seq, &entry);
+                    processor.apply(seq, entry, &metrics, &mut out);
                     write((&outbox, &readmodel), &mut out)?;
                 }
+                readmodel.publish_applied(batch[fresh..].iter().map(|(seq, entry)| (*seq, entry)));
             }
             _ = timer.tick() => {
                 drops.log(&metrics);
@@ -618,15 +618,6 @@ pub async fn run(
         "processor stopped; open windows continue after the restart"
     );
     Ok(())
-}
-
-/// Publishes an applied entry to the API's read model (write only: the processor never
-/// reads it back): its seq, and an event's source and value.
-fn publish(readmodel: &ReadModel, seq: u64, entry: &Entry) {
-    if let Entry::Event(event) = entry {
-        readmodel.publish_event(event.source, &event.series, event.ts_ms, event.value);
-    }
-    readmodel.publish_position(seq);
 }
 
 /// Restores the processor from the store's snapshot, or a fresh one if there is none or it
@@ -689,7 +680,7 @@ fn catch_up(
             Ok((seq, _)) if seq >= until => break,
             Ok((seq, entry)) => {
                 processor.apply(seq, &entry, metrics, &mut out);
-                publish(sinks.1, seq, &entry);
+                sinks.1.publish_applied([(seq, &entry)]);
                 write(sinks, &mut out)?;
                 applied += 1;
             }

@@ -2,7 +2,7 @@
 //! and `/api/v1/series`.
 //!
 //! ```text
-//! processor ──publish_event / publish_alert──▶ ReadModel (RwLock) ──snapshot──▶ api
+//! processor ──publish_applied (one lock per journal batch) / publish_alert──▶ ReadModel (RwLock) ──snapshot──▶ api
 //! ```
 //!
 //! The processor only writes here, never reads, so its output stays a pure function of the
@@ -22,6 +22,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::RwLock;
 
 use sensors::record::{Alert, AlertState};
+
+use crate::event::Entry;
 use serde::{Deserialize, Serialize};
 
 /// Most series listed by `/api/v1/series`: ~100 bytes each, so about 1 MiB. A gateway has
@@ -80,6 +82,26 @@ struct Inner {
     events_by_source: BTreeMap<u16, u64>,
 }
 
+impl Inner {
+    /// Counts an event of source `source` and keeps the last value of `series`.
+    fn event(&mut self, source: u16, series: &str, ts_ms: i64, value: f64) {
+        *self.events_by_source.entry(source).or_insert(0) += 1;
+        if !value.is_finite() {
+            return;
+        }
+        if let Some(last) = self.series.get_mut(series) {
+            // A late event does not replace a newer value.
+            if ts_ms >= last.1 {
+                *last = (value, ts_ms);
+            }
+        } else if self.series.len() < MAX_SERIES {
+            self.series.insert(series.to_string(), (value, ts_ms));
+        } else {
+            self.dropped_series += 1;
+        }
+    }
+}
+
 /// The read model; share it as `Arc<ReadModel>`.
 #[derive(Debug, Default)]
 pub struct ReadModel {
@@ -87,9 +109,17 @@ pub struct ReadModel {
 }
 
 impl ReadModel {
-    /// Records that the processor applied the journal entry `seq`.
-    pub fn publish_position(&self, seq: u64) {
-        self.write().position = seq;
+    /// Records what the processor applied, under one lock for the whole batch (the processor
+    /// calls this once per journal batch, not per event): each event's source and value, and
+    /// the position of the last entry.
+    pub fn publish_applied<'a>(&self, applied: impl IntoIterator<Item = (u64, &'a Entry)>) {
+        let mut inner = self.write();
+        for (seq, entry) in applied {
+            if let Entry::Event(event) = entry {
+                inner.event(event.source, &event.series, event.ts_ms, event.value);
+            }
+            inner.position = seq;
+        }
     }
 
     /// Journal seq of the last entry the processor applied (0 before the first).
@@ -100,25 +130,6 @@ impl ReadModel {
     /// Events applied by source index.
     pub fn events_by_source(&self) -> BTreeMap<u16, u64> {
         self.read().events_by_source.clone()
-    }
-
-    /// Records an event of source `source` and the last value of `series`.
-    pub fn publish_event(&self, source: u16, series: &str, ts_ms: i64, value: f64) {
-        let mut inner = self.write();
-        *inner.events_by_source.entry(source).or_insert(0) += 1;
-        if !value.is_finite() {
-            return;
-        }
-        if let Some(last) = inner.series.get_mut(series) {
-            // A late event does not replace a newer value.
-            if ts_ms >= last.1 {
-                *last = (value, ts_ms);
-            }
-        } else if inner.series.len() < MAX_SERIES {
-            inner.series.insert(series.to_string(), (value, ts_ms));
-        } else {
-            inner.dropped_series += 1;
-        }
     }
 
     /// Records an alert transition.
@@ -229,19 +240,26 @@ mod tests {
         assert_eq!(view.active.len(), 1);
     }
 
+    /// Publishes one event entry as the processor would.
+    fn event(model: &ReadModel, source: u16, series: &str, ts_ms: i64, value: f64) {
+        let event =
+            crate::event::Event { series: series.into(), ts_ms, value, received_ms: ts_ms, source };
+        model.publish_applied([(model.position() + 1, &Entry::Event(event))]);
+    }
+
     #[test]
     fn series_keep_the_newest_value_and_stop_at_the_cap() {
         let model = ReadModel::default();
-        model.publish_event(0, "a", 10, 1.0);
-        model.publish_event(0, "a", 5, 2.0);
-        model.publish_event(1, "a", 20, 3.0);
-        model.publish_event(1, "a", 30, f64::NAN);
+        event(&model, 0, "a", 10, 1.0);
+        event(&model, 0, "a", 5, 2.0);
+        event(&model, 1, "a", 20, 3.0);
+        event(&model, 1, "a", 30, f64::NAN);
         assert_eq!(
             model.series().series,
             [SeriesValue { series: "a".into(), value: 3.0, ts_ms: 20 }]
         );
         for i in 0..MAX_SERIES + 5 {
-            model.publish_event(0, &format!("s{i}"), 1, 0.0);
+            event(&model, 0, &format!("s{i}"), 1, 0.0);
         }
         assert_eq!(model.events_by_source()[&1], 2, "a non-finite value is counted, not shown");
         let view = model.series();

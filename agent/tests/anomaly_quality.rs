@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use edgewise::config::SimulatedSourceConfig;
 use edgewise::rules::anomaly::{AnomalyParams, Detector};
-use edgewise::source::sim::Simulator;
+use edgewise::source::sim::simulator;
 
 const START_MS: i64 = 1_700_000_000_000;
 const SECOND: i64 = 1000;
@@ -89,7 +89,7 @@ fn clean(seed: u64, hours: i64) -> Vec<(f64, Vec<(i64, f64)>)> {
         faults: false,
         seed,
     };
-    let mut sim = Simulator::new(&cfg);
+    let mut sim = simulator(&cfg);
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
     let count = (DEVICES as usize) * METRICS.len();
     let mut out: Vec<(f64, Vec<(i64, f64)>)> =

@@ -28,6 +28,7 @@ use sensors::wire::{self, Format};
 
 use super::{ForwardError, SendError, idempotency_key};
 use crate::config::{Compression, HttpUpstreamConfig};
+use crate::error_chain;
 
 /// `User-Agent` of every request: lets a receiver tell agent versions apart in its logs.
 pub(crate) const USER_AGENT: &str = concat!("edgewise/", env!("CARGO_PKG_VERSION"));
@@ -289,24 +290,12 @@ fn parse_imf_fixdate(value: &str) -> Option<SystemTime> {
     if hour > 23 || minute > 59 || second > 60 || time.len() != 8 {
         return None;
     }
-    let seconds = days_since_epoch(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    let days = crate::source::payload::days_from_civil(year as i64, month as i64, day as i64);
+    let seconds = u64::try_from(days).ok()? * 86_400 + hour * 3600 + minute * 60 + second;
     UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
 }
 
-/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's `days_from_civil`,
-/// restricted to years from 1970 so that everything stays unsigned).
-fn days_since_epoch(year: u64, month: u64, day: u64) -> u64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year / 400;
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-/// An error and its sources on one line: reqwest's own message ("error sending request")
-/// hides the cause (connection refused, DNS, TLS) that a technician needs.
-/// [`error_chain`] plus a hint for the TLS failures a configuration causes (an unknown CA, a
+/// [`error_chain`] (reqwest's own message, "error sending request", hides the cause) plus a hint for the TLS failures a configuration causes (an unknown CA, a
 /// missing client certificate, a name mismatch), so the log says which key to fix.
 fn explained(error: &dyn std::error::Error) -> String {
     let text = error_chain(error);
@@ -314,17 +303,6 @@ fn explained(error: &dyn std::error::Error) -> String {
         Some(hint) => format!("{text} ({hint})"),
         None => text,
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// An in-test HTTP receiver (axum on `127.0.0.1:0`): records every request with its
