@@ -2,13 +2,19 @@
 //! and the processor's [`ReadModel`].
 //!
 //! ```text
-//! GET /healthz        200 "ok" while the process runs (never needs a token)
-//! GET /readyz         200 or 503, JSON: every check with its reason
-//! GET /metrics        Prometheus / OpenMetrics text, rendered from the atomics at scrape time
-//! GET /api/v1/status  JSON: agent, sources, upstream, buffer
-//! GET /api/v1/alerts  JSON: active alerts and the last transitions
-//! GET /api/v1/series  JSON: each series' last value (at most readmodel::MAX_SERIES)
+//! GET /                    the technician's page (static, embedded; never needs a token)
+//! GET /healthz             200 "ok" while the process runs (never needs a token)
+//! GET /readyz              200 or 503, JSON: every check with its reason
+//! GET /metrics             Prometheus / OpenMetrics text, rendered from the atomics at scrape time
+//! GET /api/v1/status       JSON: agent, sources, upstream, buffer
+//! GET /api/v1/alerts       JSON: active alerts and the last transitions
+//! GET /api/v1/series       JSON: each series' last value, current window, sparkline
+//! GET /api/v1/series/history?name=S   JSON: S's last values from the journal (bounded scan)
+//! GET /api/v1/rules        JSON: the loaded rules, their active alerts and last transition
 //! ```
+//!
+//! The page polls the JSON endpoints every 2 s; it holds no data of its own, so it is served
+//! without a token and asks for one when the API answers 401.
 //!
 //! # Address and token
 //!
@@ -22,7 +28,7 @@
 //!
 //! # Readiness
 //!
-//! Ready when every check passes: each source connected (simulated sources always are), the
+//! Ready when every check passes: the agent not shutting down, each source connected (simulated sources always are), the
 //! journal committing (its last flush succeeded, and a commit within [`JOURNAL_STALL`] or
 //! three tick intervals, whichever is longer: ticks are committed also when idle, so a stall
 //! means flushes hang or the writer stopped), and the
@@ -52,9 +58,11 @@ use tracing::{info, warn};
 
 use crate::config::{ApiConfig, Config, Secret, SourceConfig, UpstreamConfig};
 use crate::http_server::{self, Limits};
-use crate::metrics::{self, Metrics};
+use crate::journal::JournalReader;
+use crate::metrics::{self, Histogram, Metrics};
 use crate::outbox::Outbox;
-use crate::readmodel::ReadModel;
+use crate::readmodel::{ReadModel, RuleState};
+use tokio_util::sync::CancellationToken;
 
 /// Most connections served at once: the API serves a technician's page and a scraper, not
 /// a crowd; the cap keeps a misbehaving client from exhausting file descriptors.
@@ -65,6 +73,15 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long requests in flight may take to finish at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Most journal entries one history request scans (newest first): ~10 ms of work.
+pub const HISTORY_MAX_SCAN: usize = 50_000;
+
+/// Most values one history request returns.
+pub const HISTORY_MAX_POINTS: usize = 2_000;
+
+/// The technician's page: one file, no build step, no external resources.
+const PAGE: &str = include_str!("page/index.html");
 
 /// The journal counts as not committing when no commit happened for this long (or three
 /// tick intervals, if longer). A flush that fails is retried with backoff up to 5 s; a few
@@ -98,6 +115,10 @@ pub struct View {
     pub outbox: Outbox,
     /// What the processor published.
     pub readmodel: Arc<ReadModel>,
+    /// The journal, for one series' history.
+    pub journal: JournalReader,
+    /// Cancelled when the agent starts shutting down (it is then not ready).
+    pub stopping: CancellationToken,
 }
 
 /// A bound API; [`Api::serve`] runs it.
@@ -151,8 +172,13 @@ impl Api {
             shutdown_grace: SHUTDOWN_GRACE,
         };
         let service = move |request: Request<Incoming>, _peer: SocketAddr| {
-            let response = handle(&request, &shared);
-            async move { response }
+            let shared = Arc::clone(&shared);
+            async move {
+                match handle(&request, &shared) {
+                    Reply::Now(response) => response,
+                    Reply::History(name) => history(&shared.view, name).await,
+                }
+            }
         };
         http_server::serve("api", self.listener, limits, service, shutdown).await;
     }
@@ -165,25 +191,57 @@ struct Shared {
     started: Instant,
 }
 
-fn handle(request: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+/// What [`handle`] decided: a response, or a journal read to do off the runtime.
+enum Reply {
+    Now(Response<Full<Bytes>>),
+    History(String),
+}
+
+impl From<Response<Full<Bytes>>> for Reply {
+    fn from(response: Response<Full<Bytes>>) -> Reply {
+        Reply::Now(response)
+    }
+}
+
+fn handle(request: &Request<Incoming>, shared: &Shared) -> Reply {
     let path = request.uri().path();
     if request.method() != Method::GET {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is accepted\n".into());
         response.headers_mut().insert("allow", HeaderValue::from_static("GET"));
-        return response;
+        return response.into();
     }
-    if path == "/healthz" {
-        return text(StatusCode::OK, "ok\n".into());
+    match path {
+        "/healthz" => return text(StatusCode::OK, "ok\n".into()).into(),
+        "/" | "/index.html" => {
+            let mut response = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            headers.insert(
+                "content-security-policy",
+                HeaderValue::from_static(
+                    "default-src 'self'; style-src 'self' 'unsafe-inline'; \
+                     script-src 'self' 'unsafe-inline'; img-src 'self' data:",
+                ),
+            );
+            return response.into();
+        }
+        _ => {}
     }
     if let Some(token) = &shared.token
         && !authorized(request.headers().get(AUTHORIZATION), token)
     {
         let mut response = text(StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
         response.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
-        return response;
+        return response.into();
     }
     let view = &shared.view;
-    match path {
+    if path == "/api/v1/series/history" {
+        return match query_param(request.uri().query(), "name") {
+            Some(name) if !name.is_empty() => Reply::History(name),
+            _ => text(StatusCode::BAD_REQUEST, "add ?name=<series>\n".into()).into(),
+        };
+    }
+    let response = match path {
         "/readyz" => {
             let ready = readiness(view, crate::event::now_ms());
             let status = if ready.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -202,8 +260,86 @@ fn handle(request: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>>
         "/api/v1/status" => json(StatusCode::OK, &status(view, shared.started.elapsed())),
         "/api/v1/alerts" => json(StatusCode::OK, &view.readmodel.alerts()),
         "/api/v1/series" => json(StatusCode::OK, &view.readmodel.series()),
+        "/api/v1/rules" => json(StatusCode::OK, &rules(view)),
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}\n")),
+    };
+    response.into()
+}
+
+/// The value of `key` in a query string, percent-decoded (`+` is a space); `None` when absent
+/// or not valid UTF-8 after decoding.
+fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    let raw = query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then_some(v)
+    })?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b'%' => return None,
+            b => out.push(b),
+        }
+        i += 1;
     }
+    String::from_utf8(out).ok()
+}
+
+/// `/api/v1/series/history`: reads the journal on a blocking thread.
+async fn history(view: &View, name: String) -> Response<Full<Bytes>> {
+    let reader = view.journal.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        reader.history(&name, HISTORY_MAX_SCAN, HISTORY_MAX_POINTS)
+    })
+    .await;
+    match read {
+        Ok(Ok(history)) => json(StatusCode::OK, &history),
+        Ok(Err(e)) => {
+            text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the journal: {e}\n"))
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("history task failed: {e}\n")),
+    }
+}
+
+/// `/api/v1/rules`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RulesView {
+    /// The loaded rules, in configuration order.
+    pub rules: Vec<RuleView>,
+}
+
+/// One rule in [`RulesView`].
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleView {
+    /// The rule and its state.
+    #[serde(flatten)]
+    pub state: RuleState,
+    /// Alerts it raised since the start.
+    pub raised: u64,
+    /// Alerts it cleared since the start.
+    pub cleared: u64,
+}
+
+/// Builds `/api/v1/rules`.
+pub fn rules(view: &View) -> RulesView {
+    let counts = view.metrics.alerts_by_rule();
+    let rules = view
+        .readmodel
+        .rules()
+        .into_iter()
+        .map(|state| {
+            let (raised, cleared) = counts.get(&state.rule.name).copied().unwrap_or((0, 0));
+            RuleView { state, raised, cleared }
+        })
+        .collect();
+    RulesView { rules }
 }
 
 /// Whether `header` is `Bearer <token>`; compared in constant time for equal lengths.
@@ -268,7 +404,12 @@ pub fn readiness(view: &View, now_ms: i64) -> Readiness {
     let journal_committing =
         last_commit > 0 && now_ms.saturating_sub(last_commit) <= stall.as_millis() as i64;
     let connected = metrics.connected();
-    let mut checks = Vec::new();
+    let stopping = view.stopping.is_cancelled();
+    let mut checks = vec![Check {
+        name: "agent".into(),
+        ok: !stopping,
+        reason: if stopping { "shutting down" } else { "running" }.into(),
+    }];
     for source in &view.config.sources {
         let name = source.name();
         let ok = matches!(source, SourceConfig::Simulated(_)) || connected.get(name) == Some(&true);
@@ -488,6 +629,12 @@ impl Families<'_, '_> {
         encode_value(&mut metric, kind, value)
     }
 
+    fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) -> std::fmt::Result {
+        let (sum, count, buckets) = histogram.snapshot();
+        let mut metric = self.0.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        metric.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
     fn labelled(
         &mut self,
         name: &str,
@@ -680,6 +827,11 @@ impl Collector for ScrapeCollector {
             get(&m.upstream_up),
         )?;
 
+        f.histogram(
+            "upstream_send_seconds",
+            "Time of upstream send attempts, request to answer.",
+            &m.upstream_latency,
+        )?;
         f.one("alerts_raised", "Alerts raised.", Counter, get(&m.alerts_raised))?;
         f.one("alerts_cleared", "Alerts cleared.", Counter, get(&m.alerts_cleared))?;
         let by_rule = m.alerts_by_rule();
@@ -806,7 +958,39 @@ mod tests {
         let (store, _) = crate::store::Store::open(dir, 1 << 20).expect("store");
         let outbox =
             Outbox::open(&store, "gw-test", &config.buffer, metrics.clone()).expect("outbox");
-        View { config: Arc::new(config), metrics, outbox, readmodel: Arc::default() }
+        let journal = crate::journal::Journal::open(&store).expect("journal").reader();
+        View {
+            config: Arc::new(config),
+            metrics,
+            outbox,
+            readmodel: Arc::default(),
+            journal,
+            stopping: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn query_parameters_are_percent_decoded() {
+        assert_eq!(query_param(Some("name=pump-1%2Ftemp"), "name").as_deref(), Some("pump-1/temp"));
+        assert_eq!(query_param(Some("a=1&name=x+y"), "name").as_deref(), Some("x y"));
+        assert_eq!(query_param(Some("name=%E2%82%AC"), "name").as_deref(), Some("€"));
+        assert_eq!(query_param(Some("name=%2"), "name"), None, "a cut escape is refused");
+        assert_eq!(query_param(Some("name=%FF"), "name"), None, "not UTF-8");
+        assert_eq!(query_param(Some("other=1"), "name"), None);
+        assert_eq!(query_param(None, "name"), None);
+    }
+
+    #[test]
+    fn the_agent_is_not_ready_once_it_starts_shutting_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let view = view(dir.path());
+        let agent_check = |r: &Readiness| r.checks.iter().find(|c| c.name == "agent").cloned();
+        let before = readiness(&view, crate::event::now_ms());
+        assert!(agent_check(&before).unwrap().ok);
+        view.stopping.cancel();
+        let after = readiness(&view, crate::event::now_ms());
+        assert!(!after.ready);
+        assert_eq!(agent_check(&after).unwrap().reason, "shutting down");
     }
 
     /// `name{labels} value` lines of the rendered text, as (name with labels, value).
@@ -836,6 +1020,9 @@ mod tests {
         m.set_connected("plant", true);
         m.alert_transition("hot", true);
         m.journal_durable_seq.store(10, Ordering::Relaxed);
+        m.upstream_latency.observe(Duration::from_millis(30));
+        m.upstream_latency.observe(Duration::from_millis(40));
+        m.upstream_latency.observe(Duration::from_secs(60));
         let event = crate::event::Event {
             series: "pump-1/temperature".into(),
             ts_ms: 1,
@@ -859,6 +1046,16 @@ mod tests {
         assert_eq!(sample(&text, r#"edgewise_rule_alerts_raised_total{rule="hot"}"#), Some(1.0));
         assert_eq!(sample(&text, "edgewise_processor_lag_entries"), Some(3.0));
         assert_eq!(sample(&text, r#"edgewise_outbox_records{lane="alerts"}"#), Some(0.0));
+        // Cumulative buckets: 30 and 40 ms are at most 0.05 s; 60 s only in +Inf.
+        let bucket = |le: &str| {
+            sample(&text, &format!("edgewise_upstream_send_seconds_bucket{{le=\"{le}\"}}"))
+        };
+        assert_eq!(bucket("0.025"), Some(0.0), "{text}");
+        assert_eq!(bucket("0.05"), Some(2.0), "{text}");
+        assert_eq!(bucket("30.0"), Some(2.0), "{text}");
+        assert_eq!(bucket("+Inf"), Some(3.0), "{text}");
+        assert_eq!(sample(&text, "edgewise_upstream_send_seconds_count"), Some(3.0));
+        assert_eq!(sample(&text, "edgewise_upstream_send_seconds_sum"), Some(60.07));
         assert!(sample(&text, "edgewise_process_resident_memory_bytes").is_some_and(|v| v > 0.0));
         assert!(text.ends_with("# EOF\n"), "{text}");
     }

@@ -1633,8 +1633,15 @@ impl Config {
         if j.commit_max_entries == 0 {
             issue("journal.commit_max_entries".into(), "must be at least 1".into(), None);
         }
-        if j.tick_interval < Duration::from_millis(10) {
-            issue("journal.tick_interval".into(), "must be at least 10ms".into(), None);
+        if j.tick_interval < Duration::from_millis(10) || j.tick_interval > Duration::from_secs(60)
+        {
+            issue(
+                "journal.tick_interval".into(),
+                "must be between 10ms and 1m: missing_data rules treat a clock gap over 10 min \
+                 as a clock step"
+                    .into(),
+                None,
+            );
         }
         if j.snapshot_interval < Duration::from_millis(100) {
             issue("journal.snapshot_interval".into(), "must be at least 100ms".into(), None);

@@ -211,6 +211,19 @@ impl Journal {
     }
 }
 
+/// One series' recent values from the journal ([`JournalReader::history`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct History {
+    /// The series.
+    pub series: String,
+    /// `[ts_ms, value]`, oldest first (journal order: a late event stays where it arrived).
+    pub points: Vec<(i64, f64)>,
+    /// Journal entries looked at.
+    pub scanned: usize,
+    /// Whether older entries were left unscanned (a limit was reached).
+    pub truncated: bool,
+}
+
 /// The reading half: replay after a snapshot position, and trimming behind it.
 #[derive(Clone, Debug)]
 pub struct JournalReader {
@@ -232,6 +245,37 @@ impl JournalReader {
             let seq = decode_key(&key)?;
             Ok((seq, decode_entry(seq, &value)?))
         })
+    }
+
+    /// The last values of `series` still in the journal, oldest first: scans back from the
+    /// newest entry over at most `max_scan` entries and keeps at most `max_points` values
+    /// (the newest). Corrupt entries are skipped. Bounded work for the API's history view;
+    /// `truncated` tells that the scan stopped before the journal's start.
+    pub fn history(
+        &self,
+        series: &str,
+        max_scan: usize,
+        max_points: usize,
+    ) -> Result<History, JournalError> {
+        let mut points = Vec::new();
+        let mut scanned = 0;
+        let mut truncated = false;
+        for item in self.tree.iter().rev() {
+            if scanned == max_scan || points.len() == max_points {
+                truncated = true;
+                break;
+            }
+            scanned += 1;
+            let (key, value) = item.map_err(JournalError::sled("read history"))?;
+            if let Ok(Entry::Event(event)) =
+                decode_key(&key).and_then(|seq| decode_entry(seq, &value))
+                && event.series == series
+            {
+                points.push((event.ts_ms, event.value));
+            }
+        }
+        points.reverse();
+        Ok(History { series: series.to_string(), points, scanned, truncated })
     }
 
     /// Removes entries with seq <= `snapshot_position`, oldest first, while they are older
@@ -611,6 +655,32 @@ mod tests {
         let tail: Vec<u64> = reader.read_after(2).map(|r| r.unwrap().0).collect();
         assert_eq!(tail, vec![3]);
         assert_eq!(reader.read_after(u64::MAX).count(), 0);
+    }
+
+    #[test]
+    fn history_lists_the_newest_values_of_one_series_within_its_limits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let mut journal = Journal::open(&store).unwrap();
+        for i in 0..10 {
+            journal.append(&Entry::Event(event(i as f64, 1_000 + i))).unwrap();
+            let other = Event { series: "pump-2/temp".into(), ..event(-1.0, 1_000 + i) };
+            journal.append(&Entry::Event(other)).unwrap();
+            journal.append(&Entry::Tick { now_ms: 1_000 + i }).unwrap();
+        }
+        let reader = journal.reader();
+        let all = reader.history("pump-1/temp", 1_000, 100).unwrap();
+        assert_eq!(
+            all.points.iter().map(|p| p.1).collect::<Vec<_>>(),
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+        );
+        assert_eq!((all.scanned, all.truncated), (30, false));
+        let newest = reader.history("pump-1/temp", 1_000, 3).unwrap();
+        assert_eq!(newest.points, [(1_007, 7.0), (1_008, 8.0), (1_009, 9.0)]);
+        assert!(newest.truncated);
+        let scan_limited = reader.history("pump-1/temp", 6, 100).unwrap();
+        assert_eq!((scan_limited.points.len(), scan_limited.scanned), (2, 6));
+        assert!(reader.history("nope", 1_000, 100).unwrap().points.is_empty());
     }
 
     #[test]

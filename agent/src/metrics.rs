@@ -60,6 +60,8 @@ pub struct Metrics {
     pub upstream_sent_batches: AtomicU64,
     /// Failed send attempts.
     pub upstream_failures: AtomicU64,
+    /// Time of each upstream send attempt, successful or not (request to answer).
+    pub upstream_latency: Histogram,
     /// Batches moved to the dead-letter tree.
     pub dead_lettered_batches: AtomicU64,
     /// 1 when the last upstream attempt succeeded.
@@ -78,6 +80,46 @@ pub struct Metrics {
     /// Alert transitions by rule name: `(raised, cleared)`. Bounded by the number of rules
     /// (those of earlier configurations stay after a reload, like the other counters).
     alerts_by_rule: Mutex<BTreeMap<String, (u64, u64)>>,
+}
+
+/// Upper bounds of [`Histogram`]'s buckets, seconds: from a LAN round trip to a timeout.
+pub const LATENCY_BUCKETS: [f64; 12] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// A latency histogram over atomics: a count per bucket of [`LATENCY_BUCKETS`] (plus one for
+/// larger values), the sum in microseconds and the count.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket =
+            LATENCY_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(sum in seconds, count, [(upper bound, count in that bucket alone)])`, the last bucket
+    /// with bound `+Inf`: what Prometheus' histogram encoding takes.
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let buckets = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(&self.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        (sum, self.count.load(Ordering::Relaxed), buckets)
+    }
 }
 
 /// A point in time that may be unknown, as an atomic (`i64::MIN` stands for none).

@@ -495,6 +495,7 @@ pub async fn run(
 ) -> Result<(), ProcessorError> {
     let mut config = config;
     let (mut processor, lost) = load(&config, &store)?;
+    readmodel.publish_config(&config);
     if lost {
         // The journal behind the lost snapshot may have been trimmed, so replay cannot
         // regenerate the old records: continue numbering after what the outbox has seen
@@ -560,6 +561,7 @@ pub async fn run(
                             "new rules are live; new and changed rules were warmed up on the \
                              journal's history"
                         );
+                        readmodel.publish_config(&new);
                         config = new;
                         // Snapshot at once: a replay after a crash then starts from the new
                         // rules instead of applying them to entries the old rules processed.

@@ -12,7 +12,12 @@
 //!   [`MAX_ACTIVE_ALERTS`] (an alert raised beyond that is counted in `dropped_alerts`);
 //! - transitions: the last [`MAX_TRANSITIONS`] raised/cleared records, oldest dropped first;
 //! - series: the last value and event time of at most [`MAX_SERIES`] series; a series
-//!   first seen beyond that is counted in `dropped_series` and not listed.
+//!   first seen beyond that is counted in `dropped_series` and not listed. Each keeps the
+//!   statistics of its current summary window (count, min, max, mean: 40 bytes), and the
+//!   first [`MAX_SPARKLINE_SERIES`] keep their last [`SPARKLINE_POINTS`] values, one per
+//!   second (~1 KiB each), for the page's sparklines;
+//! - rules: the rules the processor runs (published at start and after each reload that
+//!   applied), with the last transition of each.
 //!
 //! The model starts empty and the journal replay at start refills it from the processor's
 //! snapshot position on: an alert raised before that snapshot is listed again only at its
@@ -21,8 +26,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::RwLock;
 
-use sensors::record::{Alert, AlertState};
+use sensors::record::{Alert, AlertState, Severity};
 
+use crate::config::Config;
 use crate::event::Entry;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +42,13 @@ pub const MAX_ACTIVE_ALERTS: usize = 10_000;
 /// Alert transitions kept for `/api/v1/alerts`.
 pub const MAX_TRANSITIONS: usize = 50;
 
+/// Series that keep recent values for a sparkline (the first ones seen); the others show
+/// their last value and window statistics only. Bounds that part to about 1 MiB.
+pub const MAX_SPARKLINE_SERIES: usize = 1_000;
+
+/// Values kept per sparkline: the last one of each second, for the last minute or so.
+pub const SPARKLINE_POINTS: usize = 60;
+
 /// The last value of one series.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SeriesValue {
@@ -45,6 +58,65 @@ pub struct SeriesValue {
     pub value: f64,
     /// Its event time, ms since the Unix epoch.
     pub ts_ms: i64,
+    /// `[ts_ms, value]` of the last values, one per second, oldest first (empty beyond
+    /// [`MAX_SPARKLINE_SERIES`] series).
+    pub recent: Vec<(i64, f64)>,
+    /// The current summary window's statistics so far.
+    pub window: Option<WindowStats>,
+}
+
+/// Statistics of one series in its current summary window (by event time), as the page
+/// shows them; the summary record sent upstream when the window closes is authoritative.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct WindowStats {
+    /// Window start, ms since the Unix epoch (aligned to the window length).
+    pub start_ms: i64,
+    /// Values in the window so far.
+    pub count: u64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl WindowStats {
+    fn new(start_ms: i64, value: f64) -> WindowStats {
+        WindowStats { start_ms, count: 1, min: value, max: value, mean: value }
+    }
+
+    fn add(&mut self, value: f64) {
+        self.count += 1;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+        self.mean += (value - self.mean) / self.count as f64;
+    }
+}
+
+/// A loaded rule, as the processor runs it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleInfo {
+    /// Its name.
+    pub name: String,
+    /// Its kind (`threshold`, `anomaly`, ...).
+    pub kind: &'static str,
+    /// The series pattern (`None` for combined rules).
+    pub series: Option<String>,
+    /// The severity of its alerts.
+    pub severity: Severity,
+}
+
+/// A rule and its state, as [`ReadModel::rules`] returns it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleState {
+    /// The rule.
+    #[serde(flatten)]
+    pub rule: RuleInfo,
+    /// Its alerts raised and not cleared.
+    pub active: usize,
+    /// Its last transition since the start, if any.
+    pub last: Option<Alert>,
 }
 
 /// Active alerts and recent transitions, as `/api/v1/alerts` returns them.
@@ -69,17 +141,83 @@ pub struct SeriesView {
     pub max_series: usize,
 }
 
-#[derive(Debug, Default)]
+/// What is kept of one series.
+#[derive(Debug)]
+struct Series {
+    value: f64,
+    ts_ms: i64,
+    window: Option<WindowStats>,
+    /// `None` beyond [`MAX_SPARKLINE_SERIES`].
+    recent: Option<VecDeque<(i64, f64)>>,
+}
+
+impl Series {
+    /// Applies a value stamped `ts_ms` with windows of `window_ms`.
+    fn apply(&mut self, ts_ms: i64, value: f64, window_ms: i64) {
+        // A late event does not replace a newer value.
+        if ts_ms >= self.ts_ms {
+            self.value = value;
+            self.ts_ms = ts_ms;
+        }
+        let start = ts_ms.div_euclid(window_ms).saturating_mul(window_ms);
+        match &mut self.window {
+            Some(w) if w.start_ms == start => w.add(value),
+            Some(w) if w.start_ms > start => {} // the window it belongs to is closed here
+            _ => self.window = Some(WindowStats::new(start, value)),
+        }
+        if let Some(recent) = &mut self.recent {
+            match recent.back_mut() {
+                Some(last) if last.0.div_euclid(1000) == ts_ms.div_euclid(1000) => {
+                    *last = (ts_ms.max(last.0), value)
+                }
+                Some(last) if last.0 > ts_ms => {}
+                _ => {
+                    if recent.len() == SPARKLINE_POINTS {
+                        recent.pop_front();
+                    }
+                    recent.push_back((ts_ms, value));
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Inner {
     active: BTreeMap<(String, String), Alert>,
     transitions: VecDeque<Alert>,
-    series: BTreeMap<String, (f64, i64)>,
+    series: BTreeMap<String, Series>,
+    /// Series with a sparkline.
+    sparklines: usize,
+    /// The summary window length, ms.
+    window_ms: i64,
+    rules: Vec<RuleInfo>,
+    /// The last transition of each loaded rule.
+    last_by_rule: BTreeMap<String, Alert>,
     dropped_alerts: u64,
     dropped_series: u64,
     /// Journal seq of the last entry applied.
     position: u64,
     /// Events applied by source index (bounded by the configuration).
     events_by_source: BTreeMap<u16, u64>,
+}
+
+impl Default for Inner {
+    fn default() -> Inner {
+        Inner {
+            active: BTreeMap::new(),
+            transitions: VecDeque::new(),
+            series: BTreeMap::new(),
+            sparklines: 0,
+            window_ms: 60_000,
+            rules: Vec::new(),
+            last_by_rule: BTreeMap::new(),
+            dropped_alerts: 0,
+            dropped_series: 0,
+            position: 0,
+            events_by_source: BTreeMap::new(),
+        }
+    }
 }
 
 impl Inner {
@@ -89,13 +227,20 @@ impl Inner {
         if !value.is_finite() {
             return;
         }
+        let window_ms = self.window_ms;
         if let Some(last) = self.series.get_mut(series) {
-            // A late event does not replace a newer value.
-            if ts_ms >= last.1 {
-                *last = (value, ts_ms);
-            }
+            last.apply(ts_ms, value, window_ms);
         } else if self.series.len() < MAX_SERIES {
-            self.series.insert(series.to_string(), (value, ts_ms));
+            let sparkline = self.sparklines < MAX_SPARKLINE_SERIES;
+            self.sparklines += usize::from(sparkline);
+            let mut state = Series {
+                value,
+                ts_ms: i64::MIN,
+                window: None,
+                recent: sparkline.then(|| VecDeque::with_capacity(SPARKLINE_POINTS)),
+            };
+            state.apply(ts_ms, value, window_ms);
+            self.series.insert(series.to_string(), state);
         } else {
             self.dropped_series += 1;
         }
@@ -132,9 +277,49 @@ impl ReadModel {
         self.read().events_by_source.clone()
     }
 
+    /// Records the rules and summary window the processor runs (at start and after each
+    /// reload it applied). Transitions of rules no longer loaded are forgotten.
+    pub fn publish_config(&self, config: &Config) {
+        let mut inner = self.write();
+        inner.window_ms =
+            i64::try_from(config.summary.window.as_millis()).unwrap_or(i64::MAX).max(1);
+        inner.rules = config
+            .rules
+            .iter()
+            .map(|rule| {
+                let common = rule.common();
+                RuleInfo {
+                    name: common.name.to_string(),
+                    kind: rule.kind(),
+                    series: common.series.map(str::to_string),
+                    severity: common.severity,
+                }
+            })
+            .collect();
+        let Inner { rules, last_by_rule, .. } = &mut *inner;
+        last_by_rule.retain(|name, _| rules.iter().any(|r| &r.name == name));
+    }
+
+    /// The loaded rules with their active alerts and last transition.
+    pub fn rules(&self) -> Vec<RuleState> {
+        let inner = self.read();
+        inner
+            .rules
+            .iter()
+            .map(|rule| RuleState {
+                rule: rule.clone(),
+                active: inner.active.keys().filter(|(name, _)| *name == rule.name).count(),
+                last: inner.last_by_rule.get(&rule.name).cloned(),
+            })
+            .collect()
+    }
+
     /// Records an alert transition.
     pub fn publish_alert(&self, alert: &Alert) {
         let mut inner = self.write();
+        if inner.rules.iter().any(|r| r.name == alert.rule) {
+            inner.last_by_rule.insert(alert.rule.clone(), alert.clone());
+        }
         let key = (alert.rule.clone(), alert.series.clone());
         match alert.state {
             AlertState::Raised => {
@@ -176,10 +361,12 @@ impl ReadModel {
             series: inner
                 .series
                 .iter()
-                .map(|(series, (value, ts_ms))| SeriesValue {
+                .map(|(series, state)| SeriesValue {
                     series: series.clone(),
-                    value: *value,
-                    ts_ms: *ts_ms,
+                    value: state.value,
+                    ts_ms: state.ts_ms,
+                    recent: state.recent.iter().flatten().copied().collect(),
+                    window: state.window,
                 })
                 .collect(),
             dropped_series: inner.dropped_series,
@@ -200,7 +387,6 @@ impl ReadModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sensors::record::Severity;
 
     fn alert(rule: &str, series: &str, state: AlertState, ts_ms: i64) -> Alert {
         Alert {
@@ -254,10 +440,9 @@ mod tests {
         event(&model, 0, "a", 5, 2.0);
         event(&model, 1, "a", 20, 3.0);
         event(&model, 1, "a", 30, f64::NAN);
-        assert_eq!(
-            model.series().series,
-            [SeriesValue { series: "a".into(), value: 3.0, ts_ms: 20 }]
-        );
+        let view = model.series();
+        assert_eq!(view.series.len(), 1);
+        assert_eq!((view.series[0].value, view.series[0].ts_ms), (3.0, 20));
         for i in 0..MAX_SERIES + 5 {
             event(&model, 0, &format!("s{i}"), 1, 0.0);
         }
@@ -265,5 +450,80 @@ mod tests {
         let view = model.series();
         assert_eq!(view.series.len(), MAX_SERIES);
         assert_eq!(view.dropped_series, 6, "`a` took one place");
+        let with_sparkline = view.series.iter().filter(|s| !s.recent.is_empty()).count();
+        assert_eq!(with_sparkline, MAX_SPARKLINE_SERIES);
+    }
+
+    #[test]
+    fn window_statistics_restart_with_each_window_and_ignore_closed_ones() {
+        let model = ReadModel::default(); // 60 s windows
+        for (ts, value) in [(60_000, 4.0), (61_000, 2.0), (119_999, 6.0)] {
+            event(&model, 0, "a", ts, value);
+        }
+        let window = model.series().series[0].window.unwrap();
+        assert_eq!(
+            window,
+            WindowStats { start_ms: 60_000, count: 3, min: 2.0, max: 6.0, mean: 4.0 }
+        );
+        event(&model, 0, "a", 120_000, 10.0);
+        event(&model, 0, "a", 59_000, -100.0); // late, for a window already past
+        let series = &model.series().series[0];
+        assert_eq!(series.window.unwrap(), WindowStats::new(120_000, 10.0));
+        assert_eq!((series.value, series.ts_ms), (10.0, 120_000), "late values do not replace");
+    }
+
+    #[test]
+    fn the_sparkline_keeps_the_last_value_of_each_second_up_to_its_length() {
+        let model = ReadModel::default();
+        event(&model, 0, "a", 1_000, 1.0);
+        event(&model, 0, "a", 1_500, 2.0);
+        event(&model, 0, "a", 2_100, 3.0);
+        event(&model, 0, "a", 900, 9.0); // older than the last point: not drawn
+        assert_eq!(model.series().series[0].recent, [(1_500, 2.0), (2_100, 3.0)]);
+        for second in 3..(SPARKLINE_POINTS as i64 + 10) {
+            event(&model, 0, "a", second * 1_000, second as f64);
+        }
+        let recent = &model.series().series[0].recent;
+        assert_eq!(recent.len(), SPARKLINE_POINTS);
+        assert_eq!(recent.last().unwrap().1, (SPARKLINE_POINTS + 9) as f64);
+    }
+
+    #[test]
+    fn rules_show_their_active_alerts_and_last_transition_until_unloaded() {
+        let text = r##"
+            [agent]
+            id = "gw"
+            [upstream]
+            kind = "file"
+            path = "out.jsonl"
+            [[sources]]
+            kind = "simulated"
+            [[rules]]
+            name = "hot"
+            kind = "threshold"
+            series = "+/temp"
+            above = 80.0
+            [[rules]]
+            name = "quiet"
+            kind = "missing_data"
+            series = "#"
+            timeout = "1m"
+        "##;
+        let config: Config = crate::config::load_str("rules.toml", text).expect("config");
+        let model = ReadModel::default();
+        model.publish_config(&config);
+        model.publish_alert(&alert("hot", "a/temp", AlertState::Raised, 1));
+        model.publish_alert(&alert("hot", "b/temp", AlertState::Raised, 2));
+        let rules = model.rules();
+        assert_eq!(rules.len(), 2);
+        assert_eq!((rules[0].rule.kind, rules[0].active), ("threshold", 2));
+        assert_eq!(rules[0].last.as_ref().map(|a| a.ts_ms), Some(2));
+        assert_eq!((rules[1].rule.name.as_str(), rules[1].active), ("quiet", 0));
+        assert!(rules[1].last.is_none());
+        let mut fewer = config.clone();
+        fewer.rules.remove(0);
+        model.publish_config(&fewer);
+        model.publish_config(&config);
+        assert!(model.rules()[0].last.is_none(), "an unloaded rule's state is forgotten");
     }
 }

@@ -99,6 +99,7 @@ pub async fn run_with_metrics(
     }
     let journal = journal::Journal::open(&store)?;
     let reader = journal.reader();
+    let api_reader = reader.clone();
     let recovered_through = journal.last_seq();
     let outbox = Outbox::open(&store, &config.agent.id, &config.buffer, metrics.clone())?;
     info!(
@@ -191,6 +192,8 @@ pub async fn run_with_metrics(
             metrics: metrics.clone(),
             outbox: outbox.clone(),
             readmodel: readmodel.clone(),
+            journal: api_reader,
+            stopping: source_cancel.clone(),
         };
         tokio::spawn(api.serve(view, api_stop.clone().cancelled_owned()))
     });

@@ -2,10 +2,12 @@
 //! series read model and `edgewise status`; an explicitly configured address in use stops
 //! the start with an error naming it.
 
+mod common;
+use common::{Killed, free_port};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long the agent may take to become ready (store open, first commits).
@@ -13,20 +15,6 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 fn edgewise() -> Command {
     Command::new(env!("CARGO_BIN_EXE_edgewise"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Kills the agent when the test ends, also on a failed assertion.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn write_config(dir: &Path, listen: &str, api_extra: &str) -> std::path::PathBuf {
@@ -106,7 +94,7 @@ fn a_running_agent_serves_readiness_metrics_series_and_status() {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = write_config(dir.path(), &addr.to_string(), "");
-    let _agent = Agent(
+    let _agent = Killed(
         edgewise()
             .args(["run", "--exit-after", "120s", "--config"])
             .arg(&config)
@@ -187,7 +175,7 @@ fn with_a_token_every_endpoint_but_healthz_needs_it() {
     std::fs::write(&token_file, "t0ken-for-the-test\n").unwrap();
     let extra = format!("token_file = \"{}\"", token_file.display());
     let config = write_config(dir.path(), &addr.to_string(), &extra);
-    let _agent = Agent(
+    let _agent = Killed(
         edgewise()
             .args(["run", "--exit-after", "120s", "--config"])
             .arg(&config)

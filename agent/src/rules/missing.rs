@@ -18,6 +18,30 @@
 //! The alert's value is the silence in seconds (at detection for Raised, in total for
 //! Cleared) and its threshold the timeout in seconds. A series is tracked from its first
 //! event on, for as long as the rule exists: a device that disappears keeps its alert up.
+//!
+//! # Clock steps
+//!
+//! The timers run on the processor's clock, the high-water mark of gateway time, which never
+//! moves back (see [`crate::summary`]). Three policies keep a stepping gateway clock from
+//! turning into alerts (DESIGN: "clock jumps must not create mass alerts"):
+//!
+//! - **An event is heard of at `max(receive time, clock)`**, not at its receive time alone.
+//!   After the gateway clock steps back (or a single tick stamped a year ahead), receive times
+//!   stay behind the clock until real time catches up; measured from them, every series would
+//!   be overdue again at the next tick — a raise and a clear on every reading (the storm of
+//!   issue 7).
+//! - **A deadline passed by more than [`CLOCK_STEP_MS`] when first seen is not raised**: the
+//!   silence restarts at that time, so a series that stays silent raises `timeout` later. The
+//!   clock moves in ticks of `journal.tick_interval` (1 s by default), so a deadline that is
+//!   watched is seen within one tick; one passed by minutes in a single move was skipped by a
+//!   step of the clock (NTP after a boot in 1970, a wrong `date -s`) or by an agent that was
+//!   not running, and says nothing about the series. Without this, every series raises at
+//!   once after each such step.
+//! - **A deadline beyond `i64` never falls due** (a clock at the end of time).
+//!
+//! The cost: a device that really fell silent during a step (or while the agent was down) is
+//! reported `timeout` after it, not at once; and while the clock holds after a step back,
+//! silence is not measured at all until real time catches up with it.
 
 use std::time::Duration;
 
@@ -25,6 +49,11 @@ use sensors::record::AlertState;
 use serde::{Deserialize, Serialize};
 
 use super::{Transition, millis};
+
+/// How far past its deadline a silence may be first seen and still be reported: ten minutes,
+/// 600 ticks of the default `journal.tick_interval`. A larger gap is a step of the clock (see
+/// the module docs) and restarts the silence instead.
+pub const CLOCK_STEP_MS: i64 = 10 * 60 * 1000;
 
 rule_config! {
     /// `kind = "missing_data"`: raise when a series sends nothing for `timeout`.
@@ -48,7 +77,8 @@ pub struct MissingRule {
 /// Per-series state: when the series was last heard of (gateway time).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MissingState {
-    /// Largest receive time of the series' events; `None` before the first.
+    /// When the series was last heard of (the largest `max(receive time, clock)` of its
+    /// events), or when a clock step restarted its silence; `None` before the first event.
     last_seen_ms: Option<i64>,
 }
 
@@ -61,38 +91,46 @@ impl MissingRule {
         MissingRule { timeout_ms: millis(c.timeout) }
     }
 
+    /// An event of the series, heard of at `heard_ms`: its receive time, or the clock if that
+    /// is ahead (see the module docs).
     pub(super) fn on_event(
         &self,
         state: &mut MissingState,
         active: bool,
-        received_ms: i64,
+        heard_ms: i64,
     ) -> Option<Transition> {
-        let last = state.last_seen_ms.unwrap_or(received_ms);
-        state.last_seen_ms = Some(last.max(received_ms));
+        let last = state.last_seen_ms.unwrap_or(heard_ms);
+        state.last_seen_ms = Some(last.max(heard_ms));
         active.then(|| Transition {
             state: AlertState::Cleared,
-            ts_ms: received_ms,
-            value: seconds(received_ms.saturating_sub(last)),
+            ts_ms: heard_ms,
+            value: seconds(heard_ms.saturating_sub(last)),
             threshold: seconds(self.timeout_ms),
         })
     }
 
-    /// When the alert is due, if it is not up yet.
+    /// When the alert is due, if it is not up yet (never, past the end of `i64`).
     pub(super) fn deadline(&self, state: &MissingState, active: bool) -> Option<i64> {
         if active {
             return None;
         }
-        state.last_seen_ms.map(|last| last.saturating_add(self.timeout_ms))
+        state.last_seen_ms.and_then(|last| last.checked_add(self.timeout_ms))
     }
 
+    /// Raises once the clock reached the deadline, unless it got there by a step of more than
+    /// [`CLOCK_STEP_MS`]: then the silence restarts at `now_ms` (see the module docs).
     pub(super) fn on_tick(
         &self,
-        state: &MissingState,
+        state: &mut MissingState,
         active: bool,
         now_ms: i64,
     ) -> Option<Transition> {
         let deadline = self.deadline(state, active)?;
         let last = state.last_seen_ms?;
+        if now_ms.saturating_sub(deadline) > CLOCK_STEP_MS {
+            state.last_seen_ms = Some(now_ms);
+            return None;
+        }
         (now_ms >= deadline).then(|| Transition {
             state: AlertState::Raised,
             ts_ms: deadline,
@@ -117,6 +155,7 @@ mod tests {
     use sensors::record::AlertState;
 
     use super::super::testing::{event, feed, restart, rules, states};
+    use super::CLOCK_STEP_MS;
 
     const SILENT: &str = r##"
         kind = "missing_data"
@@ -183,6 +222,57 @@ mod tests {
                 ("pump-1/temperature", AlertState::Cleared)
             ]
         );
+    }
+
+    #[test]
+    fn a_clock_step_past_the_deadline_restarts_the_silence_instead_of_raising() {
+        let mut rules = rules(&[SILENT]);
+        feed(&mut rules, "pump-1/temperature", &[(0, 20.0)]);
+        feed(&mut rules, "pump-2/temperature", &[(0, 20.0)]);
+        let mut out = Vec::new();
+        // Deadline 30 s, first seen 10 min later: still a watched silence.
+        let mut slow = rules.clone();
+        slow.on_tick(30_000 + CLOCK_STEP_MS, &mut out);
+        assert_eq!(states(&out), vec![(AlertState::Raised, 30_000); 2]);
+        // A year later in one step: no alert; the silence restarts at the step.
+        out.clear();
+        let step = 365 * 24 * 3_600_000;
+        rules.on_tick(step, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        feed(&mut rules, "pump-1/temperature", &[(step + 5_000, 20.0)]);
+        rules.on_tick(step + 30_000, &mut out);
+        assert_eq!(
+            out.iter().map(|a| (a.series.as_str(), a.ts_ms)).collect::<Vec<_>>(),
+            vec![("pump-2/temperature", step + 30_000)],
+            "the series still silent is reported a timeout after the step"
+        );
+    }
+
+    #[test]
+    fn readings_received_behind_the_clock_do_not_storm() {
+        let mut rules = rules(&[SILENT]);
+        let mut out = Vec::new();
+        rules.on_tick(0, &mut out);
+        feed(&mut rules, "pump-1/temperature", &[(0, 20.0)]);
+        // The clock is 20 s ahead of the receive times from here on (a gateway clock that
+        // stepped back): readings every 5 s are not silence.
+        for t in (5_000..300_000).step_by(5_000) {
+            rules.on_tick(t + 20_000, &mut out);
+            feed(&mut rules, "pump-1/temperature", &[(t, 20.0)]);
+        }
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn a_clock_at_the_end_of_time_raises_nothing_more() {
+        let mut rules = rules(&[SILENT]);
+        let mut out = Vec::new();
+        feed(&mut rules, "pump-1/temperature", &[(0, 20.0)]);
+        for _ in 0..3 {
+            rules.on_tick(i64::MAX, &mut out);
+            feed(&mut rules, "pump-1/temperature", &[(1_000, 20.0)]);
+        }
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]

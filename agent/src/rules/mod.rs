@@ -198,6 +198,20 @@ impl RuleConfig {
         self.common().name
     }
 
+    /// The `kind` key's value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RuleConfig::Threshold(_) => "threshold",
+            RuleConfig::RateOfChange(_) => "rate_of_change",
+            RuleConfig::Flatline(_) => "flatline",
+            RuleConfig::MissingData(_) => "missing_data",
+            RuleConfig::Window(_) => "window",
+            RuleConfig::Anomaly(_) => "anomaly",
+            RuleConfig::AllOf(_) => "all_of",
+            RuleConfig::AnyOf(_) => "any_of",
+        }
+    }
+
     /// The keys every kind has.
     pub fn common(&self) -> CommonConfig<'_> {
         match self {
@@ -702,6 +716,7 @@ impl Rule {
         &self,
         state: &mut SeriesState,
         event: &Event,
+        heard_ms: i64,
         scores: Option<&mut Vec<ScoreSample>>,
     ) -> Option<Transition> {
         if !self.kind.fits(&state.machine) {
@@ -714,7 +729,7 @@ impl Rule {
             (Kind::RateOfChange(rule), Machine::RateOfChange(m)) => rule.on_event(m, active, ts, v),
             (Kind::Flatline(rule), Machine::Flatline(m)) => rule.on_event(m, active, ts, v),
             (Kind::MissingData(rule), Machine::MissingData(m)) => {
-                rule.on_event(m, active, event.received_ms)
+                rule.on_event(m, active, heard_ms)
             }
             (Kind::Window(rule), Machine::Window(m)) => rule.on_event(m, active, ts, v),
             (Kind::Anomaly(rule), Machine::Anomaly(m)) => {
@@ -755,6 +770,11 @@ pub struct Rules {
     state: RulesState,
     /// Lower bound of the earliest timer deadline; derived, not snapshotted.
     next_deadline: Option<i64>,
+    /// The largest `now` given to [`Rules::on_tick`], i.e. the processor's clock: when an
+    /// event is heard of for `missing_data` (see [`missing`]). Derived, not snapshotted: the
+    /// processor calls `on_tick` with its clock before every event, so after a restore it is
+    /// set again before an event needs it.
+    clock: Option<i64>,
     /// Scores of anomaly rules while recording (`None`: off, and free).
     scores: Option<Vec<ScoreSample>>,
 }
@@ -842,7 +862,8 @@ impl Rules {
             per_series.retain(|_, s| rule.kind.fits(&s.machine));
             !per_series.is_empty()
         });
-        let mut rules = Rules { compiled, referenced, state, next_deadline: None, scores: None };
+        let mut rules =
+            Rules { compiled, referenced, state, next_deadline: None, clock: None, scores: None };
         rules.next_deadline = rules.earliest_deadline();
         Ok(rules)
     }
@@ -863,13 +884,15 @@ impl Rules {
     /// condition changes to the combined rules; pushes the records to `out`.
     pub fn on_event(&mut self, event: &Event, out: &mut Vec<Alert>) {
         let mut changes = Vec::new();
+        // Never behind the clock the timers run on: see `missing` on clock steps.
+        let heard_ms = self.clock.map_or(event.received_ms, |c| c.max(event.received_ms));
         for (index, rule) in self.compiled.iter().enumerate() {
             if !rule.matches(&event.series) {
                 continue;
             }
             let series = event.series.as_str();
             let Some(state) = slot(&mut self.state, rule, series) else { continue };
-            if let Some(t) = rule.on_event(state, event, self.scores.as_mut()) {
+            if let Some(t) = rule.on_event(state, event, heard_ms, self.scores.as_mut()) {
                 if self.referenced[index] {
                     changes.push(Change {
                         rule: index,
@@ -891,6 +914,7 @@ impl Rules {
     /// Moves the rules' clock to `now_ms` (gateway time): fires due timers (missing data,
     /// the end of `within` of combined rules) and pushes their records to `out`.
     pub fn on_tick(&mut self, now_ms: i64, out: &mut Vec<Alert>) {
+        self.clock = Some(self.clock.map_or(now_ms, |c| c.max(now_ms)));
         match self.next_deadline {
             Some(due) if now_ms >= due => {}
             _ => return,
