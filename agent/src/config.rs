@@ -258,6 +258,26 @@ pub struct MqttSourceConfig {
     /// Largest accepted MQTT packet. Default 64 KiB.
     #[serde(default = "default_max_packet")]
     pub max_packet_size: ByteSize,
+    /// User name sent in CONNECT.
+    pub username: Option<String>,
+    /// Password read from this environment variable (needs `username`).
+    pub password_env: Option<String>,
+    /// Password read from this file (needs `username`; a trailing newline is dropped).
+    pub password_file: Option<PathBuf>,
+    /// `[sources.tls]`: connect with TLS (set `port`, usually 8883). An empty table means
+    /// TLS with the system's trusted roots and no client certificate.
+    pub tls: Option<TlsConfig>,
+}
+
+impl MqttSourceConfig {
+    /// Where the password comes from; `Ok(None)` without one.
+    pub fn password_source(&self) -> Result<Option<SecretSource>, String> {
+        SecretSource::from_keys(
+            "password",
+            self.password_env.as_deref(),
+            self.password_file.as_deref(),
+        )
+    }
 }
 
 fn default_mqtt_name() -> String {
@@ -1471,7 +1491,9 @@ impl KeyPath {
                 segs.push(Seg::Key(rest[..open].to_string()));
                 rest = &rest[open..];
                 while let Some(close) = rest.find(']') {
-                    if let Ok(i) = rest[1..close].parse() {
+                    // Only a `[` opens an index: a key such as `a[1]]` (a label name quoted in
+                    // TOML) leaves `]` here, where `rest[1..close]` would panic.
+                    if let Some(Ok(i)) = rest[..close].strip_prefix('[').map(str::parse) {
                         segs.push(Seg::Index(i));
                     }
                     rest = &rest[close + 1..];
@@ -1695,6 +1717,16 @@ impl Config {
                     }
                     if m.payload.value.is_empty() {
                         issue(at("payload.value"), "the value path is empty".into(), None);
+                    }
+                    let auth = mqtt_auth_issues(
+                        m.username.as_deref(),
+                        m.password_source(),
+                        m.tls.as_ref(),
+                        purpose,
+                        "sources",
+                    );
+                    for (key, message, hint) in auth {
+                        issue(at(&key), message, hint);
                     }
                     if m.reconnect_min > m.reconnect_max {
                         issue(at("reconnect_min"), "must not exceed reconnect_max".into(), None);
@@ -2114,18 +2146,42 @@ fn mqtt_upstream_issues(m: &MqttUpstreamConfig, purpose: Purpose) -> Vec<Upstrea
     if m.retry_initial > m.retry_max {
         push("retry_initial", "must not exceed retry_max".into(), None);
     }
-    if m.username.as_deref().is_some_and(str::is_empty) {
-        push("username", "the user name is empty".into(), None);
+    out.extend(mqtt_auth_issues(
+        m.username.as_deref(),
+        m.password_source(),
+        m.tls.as_ref(),
+        purpose,
+        "upstream",
+    ));
+    out
+}
+
+/// Checks MQTT credentials and TLS (shared by MQTT sources and the MQTT upstream); `section`
+/// names where `username` goes in the hint.
+fn mqtt_auth_issues(
+    username: Option<&str>,
+    password: Result<Option<SecretSource>, String>,
+    tls: Option<&TlsConfig>,
+    purpose: Purpose,
+    section: &'static str,
+) -> Vec<UpstreamIssue> {
+    let mut out = Vec::new();
+    if username.is_some_and(str::is_empty) {
+        out.push(("username".into(), "the user name is empty".into(), None));
     }
-    match m.password_source() {
-        Err(message) => push("password_env", message, None),
+    match password {
+        Err(message) => out.push(("password_env".into(), message, None)),
         Ok(Some(source)) => {
-            if m.username.is_none() {
-                push(
-                    &secret_key("password", &source),
+            if username.is_none() {
+                out.push((
+                    secret_key("password", &source),
                     "a password needs a username (MQTT 3.1.1)".into(),
-                    Some("set upstream.username"),
-                );
+                    Some(if section == "upstream" {
+                        "set upstream.username"
+                    } else {
+                        "set the source's username"
+                    }),
+                ));
             }
             if purpose == Purpose::Run {
                 check_secret(&source, "password", &mut out);
@@ -2133,7 +2189,7 @@ fn mqtt_upstream_issues(m: &MqttUpstreamConfig, purpose: Purpose) -> Vec<Upstrea
         }
         Ok(None) => {}
     }
-    if let Some(tls) = &m.tls
+    if let Some(tls) = tls
         && purpose == Purpose::Run
     {
         check_tls(Some(tls), &mut out);

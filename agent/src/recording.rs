@@ -672,14 +672,16 @@ fn excerpt(s: &str) -> String {
 /// One line of a JSON-lines recording as [`write_reading`] writes it.
 #[derive(Serialize)]
 struct JsonReading<'a> {
-    ts: i64,
+    /// `ts_ms`, not `ts`: the reader takes `ts` as seconds or milliseconds by its size, so a
+    /// time before 1973 (a gateway that booted at 1970) would read back as seconds.
+    ts_ms: i64,
     series: &'a str,
     value: f64,
 }
 
 /// Writes one reading as a JSON line with a millisecond timestamp.
 pub fn write_reading(out: &mut impl Write, ts_ms: i64, series: &str, value: f64) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, &JsonReading { ts: ts_ms, series, value })?;
+    serde_json::to_writer(&mut *out, &JsonReading { ts_ms, series, value })?;
     out.write_all(b"\n")
 }
 

@@ -80,7 +80,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{ForwardError, SendError, tls};
-use crate::config::{Compression, MqttUpstreamConfig, SecretSource};
+use crate::config::{Compression, MqttUpstreamConfig, SecretSource, TlsConfig};
 use crate::source::backoff::Backoff;
 
 /// Capacity of rumqttc's request channel: one publish in flight plus the DISCONNECT at
@@ -408,11 +408,27 @@ fn prepare(config: &MqttUpstreamConfig, agent: &str) -> Result<Prepared, Forward
         // The outbox is our queue: see "Why clean_session = true" in the module docs.
         .set_clean_session(true)
         .set_max_packet_size(MAX_INCOMING_PACKET, max_payload);
-    match (&config.username, config.password_source()) {
-        (_, Err(reason)) => return Err(setting("password_env", reason)),
-        (None, Ok(Some(_))) => {
-            return Err(setting("username", "a password needs a username".into()));
-        }
+    apply_auth(
+        &mut options,
+        config.username.as_ref(),
+        config.password_source(),
+        config.tls.as_ref(),
+    )
+    .map_err(|(key, reason)| setting(key, reason))?;
+    Ok(Prepared { options, topic, max_payload })
+}
+
+/// Sets the CONNECT credentials (the password read now) and TLS (files read now) of an MQTT
+/// connection, for MQTT sources and the MQTT upstream alike. An error names the key.
+pub(crate) fn apply_auth(
+    options: &mut MqttOptions,
+    username: Option<&String>,
+    password: Result<Option<SecretSource>, String>,
+    tls: Option<&TlsConfig>,
+) -> Result<(), (&'static str, String)> {
+    match (username, password) {
+        (_, Err(reason)) => return Err(("password_env", reason)),
+        (None, Ok(Some(_))) => return Err(("username", "a password needs a username".into())),
         (None, Ok(None)) => {}
         (Some(username), Ok(None)) => {
             options.set_credentials(username.clone(), "");
@@ -422,17 +438,17 @@ fn prepare(config: &MqttUpstreamConfig, agent: &str) -> Result<Prepared, Forward
                 SecretSource::Env(_) => "password_env",
                 SecretSource::File(_) => "password_file",
             };
-            let password = source.resolve().map_err(|reason| setting(key, reason))?;
+            let password = source.resolve().map_err(|reason| (key, reason))?;
             options.set_credentials(username.clone(), password.expose());
         }
     }
-    if let Some(tls_config) = &config.tls {
-        let client_config = tls::client_config(tls_config)?;
+    if let Some(tls_config) = tls {
+        let client_config = tls::client_config(tls_config).map_err(|e| ("tls", e.to_string()))?;
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(
             client_config,
         ))));
     }
-    Ok(Prepared { options, topic, max_payload })
+    Ok(())
 }
 
 fn retryable(reason: impl Into<String>) -> SendError {

@@ -131,6 +131,13 @@ fn prepare(
         .set_manual_acks(true)
         .set_max_packet_size(max_packet, max_packet)
         .set_request_channel_capacity(REQUEST_CHANNEL_CAPACITY);
+    crate::forward::mqtt::apply_auth(
+        &mut options,
+        cfg.username.as_ref(),
+        cfg.password_source(),
+        cfg.tls.as_ref(),
+    )
+    .map_err(|(key, reason)| invalid(format!("`{key}`: {reason}")))?;
     let settings = Settings {
         index,
         name: cfg.name.clone(),
@@ -571,6 +578,27 @@ mod tests {
             let err = prepare(0, &config, mqtt_cfg(&config)).unwrap_err();
             assert!(err.to_string().contains(needle), "`{err}` lacks `{needle}`");
         }
+    }
+
+    #[test]
+    fn credentials_are_read_from_the_environment_and_sent_in_connect() {
+        // The variable is never set: its name is unique to this test.
+        let var = "EDGEWISE_TEST_SOURCE_PASSWORD_41";
+        let mut config = config(1883, "id", "");
+        let crate::config::SourceConfig::Mqtt(c) = &mut config.sources[0] else { unreachable!() };
+        c.username = Some("gw".into());
+        c.password_env = Some(var.into());
+        let err = prepare(0, &config, mqtt_cfg(&config)).unwrap_err().to_string();
+        assert!(err.contains("password_env") && err.contains(var), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let crate::config::SourceConfig::Mqtt(c) = &mut config.sources[0] else { unreachable!() };
+        c.password_env = None;
+        c.password_file = Some(file);
+        let (_, options) = prepare(0, &config, mqtt_cfg(&config)).unwrap();
+        let login = options.credentials().expect("credentials set");
+        assert_eq!((login.username.as_str(), login.password.as_str()), ("gw", "s3cret"));
     }
 
     #[test]
