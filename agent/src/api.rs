@@ -749,6 +749,12 @@ impl Collector for ScrapeCollector {
             get(&m.events_processed),
         )?;
         f.one(
+            "store_quarantines",
+            "Stores that failed to open and were set aside for a fresh one (reported upstream).",
+            Counter,
+            get(&m.store_quarantines),
+        )?;
+        f.one(
             "late_events",
             "Events older than their window's allowed lateness.",
             Counter,

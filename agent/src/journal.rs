@@ -86,6 +86,14 @@ const FLUSH_RETRY_MIN: Duration = Duration::from_millis(10);
 /// latency of recovery once it works again.
 const FLUSH_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Flush attempts (about 0.3 s with the backoff above) before the writer gives up and the
+/// agent exits for its supervisor to restart it. sled 0.34 keeps the first write error (a
+/// full disk: `StorageFull`) as the store's global error and returns it from every later
+/// flush until the store is reopened: in-process retries cannot succeed, a restart can.
+/// Nothing is lost by exiting: acks wait for a successful flush, so the broker redelivers
+/// every unacknowledged QoS 1 message (measured: disk_full in RELIABILITY.md).
+pub const FLUSH_ATTEMPTS: u32 = 6;
+
 /// Floor of the tick interval: `tokio::time::interval` panics on zero, and ticks faster than
 /// this would only burn fsyncs.
 const MIN_TICK: Duration = Duration::from_millis(1);
@@ -128,6 +136,18 @@ pub enum JournalError {
         /// tokio's report.
         #[source]
         source: tokio::task::JoinError,
+    },
+    /// Flushes kept failing ([`FLUSH_ATTEMPTS`] in a row): the store needs a reopen.
+    #[error(
+        "journal: {attempts} flushes in a row failed (disk full or failing?); exiting so that \
+         the supervisor reopens the store (nothing unacknowledged is lost)"
+    )]
+    FlushFailing {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        #[source]
+        source: StoreError,
     },
     /// The processor stopped receiving while the writer was still running; the entries are
     /// durable and will be replayed on the next start.
@@ -499,7 +519,9 @@ where
     F: Fn() -> Result<(), StoreError> + Clone + Send + 'static,
 {
     let mut delay = FLUSH_RETRY_MIN;
+    let mut attempts = 0;
     loop {
+        attempts += 1;
         match tokio::task::spawn_blocking(flush.clone()).await {
             Ok(Ok(())) => {
                 metrics.journal_flush_failing.store(0, Ordering::Relaxed);
@@ -508,6 +530,9 @@ where
             Ok(Err(error)) => {
                 Metrics::add(&metrics.journal_flush_failures, 1);
                 metrics.journal_flush_failing.store(1, Ordering::Relaxed);
+                if attempts >= FLUSH_ATTEMPTS {
+                    return Err(JournalError::FlushFailing { attempts, source: error });
+                }
                 tracing::error!(
                     %error,
                     retry_in = ?delay,
@@ -863,6 +888,38 @@ mod tests {
         assert!(metrics.journal_last_commit_ms.load(Ordering::Relaxed) > 0);
         drop(tx);
         within("writer exit", writer).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_flush_that_keeps_failing_stops_the_writer_without_acking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let journal = Journal::open(&store).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(16);
+        let (to_processor, mut processor) = mpsc::channel(16);
+        let (ack_tx, mut acks) = mpsc::unbounded_channel();
+        let broken = FlakyFlush::new(&store, usize::MAX);
+        let flush = broken.clone();
+        let writer = tokio::spawn(run_writer_with(
+            journal,
+            store,
+            writer_cfg(),
+            rx,
+            to_processor,
+            Arc::clone(&metrics),
+            move || flush.flush(),
+        ));
+        tx.send(ingest(1.0, &ack_tx, 1, None)).await.unwrap();
+        let result = within("writer exit", writer).await.unwrap();
+        assert!(
+            matches!(result, Err(JournalError::FlushFailing { attempts: FLUSH_ATTEMPTS, .. })),
+            "{result:?}"
+        );
+        assert_eq!(broken.attempts.load(Ordering::SeqCst), FLUSH_ATTEMPTS as usize);
+        assert!(acks.try_recv().is_err(), "nothing acknowledged");
+        assert!(processor.try_recv().is_err(), "nothing processed");
+        assert_eq!(metrics.journal_flush_failing.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

@@ -66,6 +66,9 @@ pub struct Metrics {
     pub dead_lettered_batches: AtomicU64,
     /// 1 when the last upstream attempt succeeded.
     pub upstream_up: AtomicU64,
+    /// Stores that failed to open and were quarantined (moved aside, a fresh one started),
+    /// counted when the loss is reported upstream.
+    pub store_quarantines: AtomicU64,
     /// Rejected input by `(source, cause)`.
     rejected: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Device counters by source name: one entry per configured source that reported any,

@@ -6,6 +6,8 @@
 //! tree         key                          value
 //! ----------   --------------------------   ------------------------------------------------
 //! meta         b"epoch"                     u64 BE: random store epoch, written + flushed at creation
+//!              b"lost_store"                i64 BE ms + UTF-8 path: the store this one replaced
+//!                                           was quarantined there; cleared once reported
 //! journal      u64 BE seq (1, 2, ...)       version u8 (1) + postcard(event::Entry)   [journal]
 //! snapshot     b"state"                     version u8 (1) + u64 BE journal position + state bytes
 //! outbox       [lane u8][u64 BE seq]        version u8 (1) + postcard(record::Record) [outbox]
@@ -26,12 +28,21 @@
 //! - **The epoch never changes for the life of a store.** It is random and flushed before
 //!   `open` returns, so record ids (`<agent>:<epoch>:<lane>:<seq>`) stay unique even when a
 //!   store is quarantined and re-created and sequence numbers start again at 0.
-//! - **A store that cannot be opened is set aside, not retried.** Corruption (or any open
-//!   failure other than a lock held by a live process) renames the directory to
-//!   `<dir>.corrupt-<unix secs>` and starts fresh: an agent under systemd must not
-//!   crash-loop on a bad SD-card sector, and the old bytes stay on disk for a post-mortem.
-//!   A lock held by another process is [`StoreError::Locked`]: that store is healthy and in
-//!   use, so moving it away would split the data between two agents.
+//! - **A store that cannot be opened is set aside, not retried.** Corruption (any open
+//!   failure other than a lock held by a live process or the surroundings below) renames the
+//!   directory to `<dir>.corrupt-<unix secs>` and starts fresh: an agent under systemd must
+//!   not crash-loop on a bad SD-card sector, and the old bytes stay on disk for a
+//!   post-mortem. A lock held by another process is [`StoreError::Locked`]: that store is
+//!   healthy and in use, so moving it away would split the data between two agents. A full
+//!   disk, a read-only filesystem, missing permissions or exhausted memory or file handles
+//!   are [`StoreError::Unavailable`]: the store is kept, and a restart retries.
+//! - **A lost store is reported until the report is durable.** The fresh store is created
+//!   with a `lost_store` marker, flushed with the epoch; [`Store::lost_store`] returns it on
+//!   every open until [`Store::clear_lost_store`], which the caller runs after the alert and
+//!   gap records it wrote at [`LOST_STORE_SEQ`] are flushed. A crash in between reports the
+//!   loss again on the next start (the outbox ignores the second put of the same seq); a
+//!   crash between the rename and the first flush of the fresh store is the one window in
+//!   which a loss goes unreported.
 //!
 //! # Lifecycle
 //!
@@ -40,7 +51,10 @@
 //! commit (from `spawn_blocking`; never `flush_async`, which deadlocks in sled 0.34) → on
 //! drop of the last handle sled flushes once more.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use sensors::record::{Alert, AlertState, Gap, Lane, RecordBody, Severity};
 
 /// Names of the trees, so that every module opens the same ones.
 pub const TREE_META: &str = "meta";
@@ -59,6 +73,19 @@ const ALL_TREES: [&str; 6] =
     [TREE_META, TREE_JOURNAL, TREE_SNAPSHOT, TREE_OUTBOX, TREE_DEAD_LETTER, TREE_DEDUP];
 
 const EPOCH_KEY: &[u8] = b"epoch";
+const LOST_STORE_KEY: &[u8] = b"lost_store";
+
+/// Rule name of the alert that reports a quarantined store.
+pub const LOST_STORE_RULE: &str = "edgewise:store";
+/// Series of that alert.
+pub const LOST_STORE_SERIES: &str = "edgewise/store";
+/// Gap reason for the records and journal entries lost with a quarantined store.
+pub const GAP_REASON_STORE_LOST: &str = "store_lost";
+/// The seq of the records that report a lost store, in both lanes of the fresh outbox. The
+/// processor numbers a lane from 1 (its counters start at 0 = none, and a fresh store has no
+/// snapshot), and a fresh outbox accepts seqs from 0: seq 0 is the one seq of a fresh store
+/// that nothing else ever uses.
+pub const LOST_STORE_SEQ: u64 = 0;
 const SNAPSHOT_KEY: &[u8] = b"state";
 /// Version byte that leads a snapshot value; bump it when the envelope changes.
 const SNAPSHOT_VERSION: u8 = 1;
@@ -71,6 +98,17 @@ pub enum StoreError {
     /// Another live process holds the store's lock (sled takes an exclusive file lock).
     #[error("store {dir} is locked by another process (is another agent running?)")]
     Locked {
+        /// The store directory.
+        dir: PathBuf,
+        /// sled's report.
+        #[source]
+        source: sled::Error,
+    },
+    /// The store could not be opened because of its surroundings, not its contents (a full
+    /// disk, a read-only or inaccessible directory, no memory or file handles): it is kept
+    /// as it is, and the open can be retried once the cause is gone.
+    #[error("cannot open store {dir} (kept as it is: fix the cause, the agent retries on restart)")]
+    Unavailable {
         /// The store directory.
         dir: PathBuf,
         /// sled's report.
@@ -120,7 +158,10 @@ impl StoreError {
     /// Whether retrying the same operation later may succeed (I/O errors may be transient,
     /// e.g. a full disk that gets cleaned; corruption and a held lock are not).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Sled { source: sled::Error::Io(_), .. })
+        matches!(
+            self,
+            StoreError::Sled { source: sled::Error::Io(_), .. } | StoreError::Unavailable { .. }
+        )
     }
 
     fn sled(context: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
@@ -131,7 +172,8 @@ impl StoreError {
 /// What [`Store::open`] found.
 #[derive(Debug, Default)]
 pub struct OpenReport {
-    /// Where a store that failed to open was moved (its data is not in the new store).
+    /// Where a store that failed to open was moved by this open (its data is not in the new
+    /// store). [`Store::lost_store`] also reports a quarantine of an earlier, crashed run.
     pub quarantined: Option<PathBuf>,
     /// The store was created by this open (no epoch was found).
     pub created: bool,
@@ -149,9 +191,11 @@ impl Store {
     /// Opens (creating) the sled db in `dir` with `cache_capacity` bytes of cache and
     /// `flush_every_ms = None` (we flush explicitly). Opens every tree, creates and flushes
     /// the store epoch if missing. A store that fails to open for any reason but a lock held
-    /// by another process is renamed to `<dir>.corrupt-<unix secs>` and a fresh one opened.
+    /// by another process or its surroundings ([`StoreError::Unavailable`]: a full disk, a
+    /// read-only filesystem, ...) is renamed to `<dir>.corrupt-<unix secs>` and a fresh one
+    /// opened.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<(Store, OpenReport), StoreError> {
-        let first = match Self::try_open(dir, cache_capacity) {
+        let first = match Self::try_open(dir, cache_capacity, None) {
             Ok((store, created)) => {
                 return Ok((store, OpenReport { quarantined: None, created }));
             }
@@ -162,6 +206,12 @@ impl Store {
         {
             let OpenFailure::Sled(source) = first else { unreachable!("matched above") };
             return Err(StoreError::Locked { dir: dir.to_path_buf(), source });
+        }
+        if let OpenFailure::Sled(source) = &first
+            && is_environment_error(source)
+        {
+            let OpenFailure::Sled(source) = first else { unreachable!("matched above") };
+            return Err(StoreError::Unavailable { dir: dir.to_path_buf(), source });
         }
 
         let to = quarantine_path(dir);
@@ -178,7 +228,8 @@ impl Store {
         })?;
         // One attempt only: if a fresh store fails too, the disk itself is the problem and
         // the caller has to see the error (no crash loop of quarantines).
-        match Self::try_open(dir, cache_capacity) {
+        let lost = LostStore { moved_to: to.clone(), at_ms: crate::event::now_ms() };
+        match Self::try_open(dir, cache_capacity, Some(&lost)) {
             Ok((store, created)) => Ok((store, OpenReport { quarantined: Some(to), created })),
             Err(OpenFailure::Sled(source)) if is_lock_error(&source) => {
                 Err(StoreError::Locked { dir: dir.to_path_buf(), source })
@@ -192,8 +243,13 @@ impl Store {
         }
     }
 
-    /// Opens the db, every tree and the epoch; `Ok(created)`.
-    fn try_open(dir: &Path, cache_capacity: u64) -> Result<(Store, bool), OpenFailure> {
+    /// Opens the db, every tree and the epoch; `Ok(created)`. A store created here records
+    /// `lost` (the store it replaces) in the same flush as its epoch.
+    fn try_open(
+        dir: &Path,
+        cache_capacity: u64,
+        lost: Option<&LostStore>,
+    ) -> Result<(Store, bool), OpenFailure> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity)
@@ -218,6 +274,9 @@ impl Store {
                 // Non-zero so that 0 can never be mistaken for a real epoch in logs or ids.
                 let epoch = fastrand::u64(1..);
                 meta.insert(EPOCH_KEY, &epoch.to_be_bytes()).map_err(OpenFailure::Sled)?;
+                if let Some(lost) = lost {
+                    meta.insert(LOST_STORE_KEY, lost.encode()).map_err(OpenFailure::Sled)?;
+                }
                 // Durable before any record id is built from it.
                 db.flush().map_err(OpenFailure::Sled)?;
                 (epoch, true)
@@ -234,6 +293,26 @@ impl Store {
     /// The store epoch: random, fixed for the life of this store.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The quarantined store this store replaced, until [`Store::clear_lost_store`].
+    pub fn lost_store(&self) -> Result<Option<LostStore>, StoreError> {
+        let meta = self.db.open_tree(TREE_META).map_err(StoreError::sled("open meta"))?;
+        let Some(value) = meta.get(LOST_STORE_KEY).map_err(StoreError::sled("read lost store"))?
+        else {
+            return Ok(None);
+        };
+        LostStore::decode(&value).map(Some).ok_or_else(|| StoreError::Corrupt {
+            what: "lost store marker",
+            reason: format!("{} bytes, shorter than its time", value.len()),
+        })
+    }
+
+    /// Forgets the lost store once its report is durable, and flushes (blocking).
+    pub fn clear_lost_store(&self) -> Result<(), StoreError> {
+        let meta = self.db.open_tree(TREE_META).map_err(StoreError::sled("open meta"))?;
+        meta.remove(LOST_STORE_KEY).map_err(StoreError::sled("clear lost store"))?;
+        self.flush()
     }
 
     /// Blocking fsync of the whole db (sled flush is db-wide). Call from `spawn_blocking`.
@@ -278,6 +357,73 @@ impl Store {
     }
 }
 
+/// A store that failed to open and was set aside; its data is not in this store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostStore {
+    /// Where it was moved.
+    pub moved_to: PathBuf,
+    /// When, ms since the Unix epoch (the agent's clock).
+    pub at_ms: i64,
+}
+
+impl LostStore {
+    fn encode(&self) -> Vec<u8> {
+        let mut value = self.at_ms.to_be_bytes().to_vec();
+        value.extend_from_slice(self.moved_to.to_string_lossy().as_bytes());
+        value
+    }
+
+    fn decode(value: &[u8]) -> Option<LostStore> {
+        let (at, path) = value.split_first_chunk::<8>()?;
+        Some(LostStore {
+            moved_to: PathBuf::from(String::from_utf8_lossy(path).into_owned()),
+            at_ms: i64::from_be_bytes(*at),
+        })
+    }
+
+    /// What upstream is told, as `(lane, seq, body)` for [`crate::outbox::Outbox::put`] at
+    /// [`LOST_STORE_SEQ`]: a critical alert [`LOST_STORE_RULE`] (raised, never cleared:
+    /// nothing brings the data back) naming the quarantine path, and a gap with reason
+    /// [`GAP_REASON_STORE_LOST`] in the summaries lane. What the old store held (unsent
+    /// records of both lanes, journal entries not yet summarised) cannot be read, so the gap
+    /// counts nothing (`records`, `events` and its seqs are 0) and says only until when
+    /// (`to_ms`, the time of the quarantine); its lane is the summaries lane because that is
+    /// where it is stored, and the alert says that alerts may have been lost too.
+    pub fn records(&self, dir: &Path) -> [(Lane, u64, RecordBody); 2] {
+        let moved_to = self.moved_to.display().to_string();
+        let alert = Alert {
+            rule: LOST_STORE_RULE.to_string(),
+            series: LOST_STORE_SERIES.to_string(),
+            state: AlertState::Raised,
+            severity: Severity::Critical,
+            ts_ms: self.at_ms,
+            value: 0.0,
+            threshold: 0.0,
+            message: format!(
+                "the store {} could not be opened and was moved to {moved_to}; a fresh store \
+                 was started: records not yet sent (alerts and summaries) and events not yet \
+                 summarised before then are lost",
+                dir.display()
+            ),
+            labels: BTreeMap::from([("moved_to".to_string(), moved_to)]),
+        };
+        let gap = Gap {
+            lane: Lane::Summaries,
+            first_seq: LOST_STORE_SEQ,
+            last_seq: LOST_STORE_SEQ,
+            records: 0,
+            from_ms: None,
+            to_ms: Some(self.at_ms),
+            reason: GAP_REASON_STORE_LOST.to_string(),
+            events: 0,
+        };
+        [
+            (Lane::Alerts, LOST_STORE_SEQ, RecordBody::Alert(alert)),
+            (Lane::Summaries, LOST_STORE_SEQ, RecordBody::Gap(gap)),
+        ]
+    }
+}
+
 /// Why one open attempt failed.
 #[derive(Debug)]
 enum OpenFailure {
@@ -298,6 +444,27 @@ impl std::fmt::Display for OpenFailure {
 /// `Config::try_lock`); there is no dedicated variant, so the message is the only signal.
 fn is_lock_error(error: &sled::Error) -> bool {
     matches!(error, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Whether an open failed because of the store's surroundings rather than its contents:
+/// a full disk or quota, a read-only filesystem, missing permissions, no memory or file
+/// handles. Such a store is healthy; moving it aside would throw its data away for nothing
+/// (on a full disk the fresh store would fail too, and the next restart would quarantine
+/// that). Everything else (corruption, unreadable files, I/O errors of a bad sector) is the
+/// store's own fault and quarantined.
+fn is_environment_error(error: &sled::Error) -> bool {
+    use std::io::ErrorKind;
+    let sled::Error::Io(io) = error else { return false };
+    // ENOMEM, ENFILE, EMFILE, ENOSPC, EROFS, EDQUOT (Linux numbers).
+    matches!(io.raw_os_error(), Some(12 | 23 | 24 | 28 | 30 | 122))
+        || matches!(
+            io.kind(),
+            ErrorKind::StorageFull
+                | ErrorKind::QuotaExceeded
+                | ErrorKind::ReadOnlyFilesystem
+                | ErrorKind::PermissionDenied
+                | ErrorKind::OutOfMemory
+        )
 }
 
 /// `<dir>.corrupt-<unix secs>`, with a `-<n>` suffix if that name is taken (two failures
@@ -403,6 +570,49 @@ mod tests {
         assert!(name.starts_with("db.corrupt-"), "{name}");
         assert_ne!(store.epoch(), old_epoch);
         assert_eq!(store.load_snapshot().unwrap(), None);
+
+        // The loss is remembered across restarts until it was reported.
+        let lost = store.lost_store().unwrap().expect("the fresh store knows what it replaced");
+        assert_eq!(lost.moved_to, quarantined);
+        drop(store);
+        let (store, report) = Store::open(&dir, CACHE).unwrap();
+        assert!(report.quarantined.is_none());
+        assert_eq!(store.lost_store().unwrap().as_ref(), Some(&lost));
+        let [(alert_lane, alert_seq, alert), (gap_lane, gap_seq, gap)] = lost.records(&dir);
+        assert_eq!(
+            (alert_lane, alert_seq, gap_lane, gap_seq),
+            (Lane::Alerts, 0, Lane::Summaries, 0)
+        );
+        let RecordBody::Alert(alert) = alert else { panic!("{alert:?}") };
+        assert_eq!((alert.rule.as_str(), alert.severity), (LOST_STORE_RULE, Severity::Critical));
+        assert!(alert.message.contains(&quarantined.display().to_string()), "{}", alert.message);
+        let RecordBody::Gap(gap) = gap else { panic!("{gap:?}") };
+        assert_eq!((gap.reason.as_str(), gap.to_ms), (GAP_REASON_STORE_LOST, Some(lost.at_ms)));
+        store.clear_lost_store().unwrap();
+        drop(store);
+        let (store, _) = Store::open(&dir, CACHE).unwrap();
+        assert_eq!(store.lost_store().unwrap(), None);
+    }
+
+    #[test]
+    fn a_full_disk_or_read_only_filesystem_is_not_mistaken_for_corruption() {
+        use std::io::{Error, ErrorKind};
+        let os = |code| sled::Error::Io(Error::from_raw_os_error(code));
+        // ENOSPC, EROFS, EACCES, EDQUOT, EMFILE, ENOMEM: the store is fine, its place is not.
+        for code in [28, 30, 13, 122, 24, 12] {
+            assert!(is_environment_error(&os(code)), "errno {code}");
+        }
+        // EIO (a bad sector), garbage and sled's own corruption reports: quarantined.
+        assert!(!is_environment_error(&os(5)));
+        assert!(!is_environment_error(&sled::Error::Io(Error::new(
+            ErrorKind::InvalidData,
+            "garbage"
+        ))));
+        assert!(!is_environment_error(&sled::Error::Corruption { at: None, bt: () }));
+        assert!(!is_environment_error(&sled::Error::Unsupported("format".into())));
+        let unavailable = StoreError::Unavailable { dir: PathBuf::from("/data"), source: os(28) };
+        assert!(unavailable.is_retryable());
+        assert!(unavailable.to_string().contains("kept as it is"), "{unavailable}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sensors::record::{Alert, RecordBody};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -102,6 +103,8 @@ pub async fn run_with_metrics(
     let api_reader = reader.clone();
     let recovered_through = journal.last_seq();
     let outbox = Outbox::open(&store, &config.agent.id, &config.buffer, metrics.clone())?;
+    // Before the processor starts: its records are numbered from 1, the report takes seq 0.
+    let lost_store_alert = report_lost_store(&store, &outbox, &dir, &metrics).await?;
     info!(
         agent = %config.agent.id,
         data_dir = %dir.display(),
@@ -112,6 +115,9 @@ pub async fn run_with_metrics(
     );
 
     let readmodel = Arc::new(crate::readmodel::ReadModel::default());
+    if let Some(alert) = &lost_store_alert {
+        readmodel.publish_alert(alert);
+    }
     let (ingest_tx, ingest_rx) = mpsc::channel(INGEST_CHANNEL_CAPACITY);
     let (processor_tx, processor_rx) = mpsc::channel(PROCESSOR_CHANNEL_CAPACITY);
     let source_cancel = CancellationToken::new();
@@ -252,9 +258,47 @@ pub async fn run_with_metrics(
     result
 }
 
+/// Tells upstream that the store this one replaced was lost (see
+/// [`crate::store::LostStore::records`]): writes its alert and gap records to the fresh outbox
+/// at [`crate::store::LOST_STORE_SEQ`], flushes, then forgets the marker, so that a crash in
+/// between reports it again rather than never. Counts `store_quarantines`; returns the alert
+/// for the read model.
+async fn report_lost_store(
+    store: &Store,
+    outbox: &Outbox,
+    dir: &std::path::Path,
+    metrics: &Metrics,
+) -> Result<Option<Alert>, TopologyError> {
+    let store_error = |source| TopologyError::Store { dir: dir.display().to_string(), source };
+    let Some(lost) = store.lost_store().map_err(store_error)? else {
+        return Ok(None);
+    };
+    let mut alert = None;
+    for (lane, seq, body) in lost.records(dir) {
+        if let RecordBody::Alert(a) = &body {
+            alert = Some(a.clone());
+        }
+        if !outbox.put(lane, seq, body)? {
+            info!(lane = lane.as_str(), seq, "the lost store was already reported");
+        }
+    }
+    let flush_store = store.clone();
+    tokio::task::spawn_blocking(move || flush_store.clear_lost_store())
+        .await
+        .map_err(|e| TopologyError::Stage { stage: "store", reason: e.to_string() })?
+        .map_err(store_error)?;
+    Metrics::add(&metrics.store_quarantines, 1);
+    error!(
+        moved_to = %lost.moved_to.display(),
+        rule = crate::store::LOST_STORE_RULE,
+        "the lost store was reported upstream (a critical alert and a store_lost gap)"
+    );
+    Ok(alert)
+}
+
 /// Wraps a stage's task so that an error or a panic cancels `failed` (which stops the agent:
 /// systemd restarts it, and the journal and snapshot make the restart lossless).
-fn watch_stage<E: std::fmt::Display + Send + 'static>(
+fn watch_stage<E: std::error::Error + Send + 'static>(
     stage: &'static str,
     failed: CancellationToken,
     handle: JoinHandle<Result<(), E>>,
@@ -263,7 +307,7 @@ fn watch_stage<E: std::fmt::Display + Send + 'static>(
         match handle.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                error!(stage, error = %e, "stage failed");
+                error!(stage, error = %crate::error_chain(&e), "stage failed");
                 failed.cancel();
             }
             Err(e) => {
