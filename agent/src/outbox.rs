@@ -509,7 +509,9 @@ impl Outbox {
         self.lock().lane(lane).next_seq
     }
 
-    /// Writes the record with id `record_id(agent, epoch, lane, seq)` and `next_seq = seq + 1`
+    /// Writes the record with id `record_id(agent, epoch, lane, seq)` (`gap_id` for a gap:
+    /// every gap has a `:gap` id, which the compact wire format relies on) and
+    /// `next_seq = seq + 1`
     /// in one `apply_batch`. A seq below `next_seq` was written by an earlier run (the
     /// processor replays deterministically after a crash): returns `Ok(false)` and writes
     /// nothing. Then runs the long-outage policies (expiry when due, compaction above the
@@ -521,7 +523,11 @@ impl Outbox {
         if seq < state.lane(lane).next_seq {
             return Ok(false);
         }
-        let record = Record { id: record_id(&inner.agent, inner.epoch, lane, seq), seq, body };
+        let id = match body {
+            RecordBody::Gap(_) => gap_id(&inner.agent, inner.epoch, lane, seq),
+            _ => record_id(&inner.agent, inner.epoch, lane, seq),
+        };
+        let record = Record { id, seq, body };
         let value = encode_record(lane, &record)?;
         let size = (RECORD_KEY_LEN + value.len()) as u64;
         let mut batch = sled::Batch::default();
@@ -1225,6 +1231,27 @@ mod tests {
             RecordBody::Gap(gap) => Some(gap),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_gap_put_by_the_processor_gets_a_gap_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, outbox, _) = open(&tmp, BIG);
+        let gap = Gap {
+            lane: Lane::Summaries,
+            first_seq: 0,
+            last_seq: 0,
+            records: 0,
+            from_ms: Some(1),
+            to_ms: Some(2),
+            reason: "late".into(),
+            events: 3,
+        };
+        assert!(outbox.put(Lane::Summaries, 0, summary(0)).unwrap());
+        assert!(outbox.put(Lane::Summaries, 1, RecordBody::Gap(gap)).unwrap());
+        let lane = all(&outbox, Lane::Summaries);
+        assert_eq!(lane[0].id, record_id(AGENT, store.epoch(), Lane::Summaries, 0));
+        assert_eq!(lane[1].id, gap_id(AGENT, store.epoch(), Lane::Summaries, 1));
     }
 
     #[test]

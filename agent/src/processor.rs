@@ -29,8 +29,23 @@
 //!     last_summary_seq: u64,    last seq used in the summaries lane (0 = none)
 //!     rules: RulesState,        rule → series → episode + kind state (timers included)
 //!     windows: WindowsState,    clock + series → open windows
+//!     late: Dropped,            late events not yet reported in a gap (version 3)
+//!     future: Dropped,          future events not yet reported in a gap (version 3)
 //! })
 //! ```
+//!
+//! Version 2 snapshots (without the two tallies) are still read.
+//!
+//! # Events that no summary counts
+//!
+//! A late event (its window already closed) and a future event (stamped beyond
+//! `max_future`) are valid readings that no summary will count. So that a backend can still
+//! account for every event it was sent, the processor tallies them and reports each tally
+//! as a gap record in the summaries lane (reason [`GAP_REASON_LATE`] or
+//! [`GAP_REASON_FUTURE`], `events` = how many, `from_ms`/`to_ms` = their timestamps, no
+//! records lost: `records` and the seqs are 0). A tally is reported at the next clock tick or
+//! window close, so a burst of redeliveries after an outage becomes one gap, not one per
+//! event; it is in the snapshot until then.
 //!
 //! The compiled rules and the window parameters come from the configuration at every start,
 //! so a snapshot survives rule edits (see [`rules`] and [`summary`] for how state adapts).
@@ -49,7 +64,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sensors::record::{AlertState, Lane, RecordBody};
+use sensors::record::{AlertState, Gap, Lane, RecordBody};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -67,7 +82,52 @@ use crate::summary::{Admission, SummaryError, Windows, WindowsState};
 
 /// Version byte leading a snapshot. Bump it when [`State`] changes shape: postcard is
 /// positional, so an old reader cannot skip new fields.
-pub const SNAPSHOT_VERSION: u8 = 2;
+pub const SNAPSHOT_VERSION: u8 = 3;
+/// The previous version, still read: [`State`] without the tallies of dropped events.
+const SNAPSHOT_VERSION_2: u8 = 2;
+
+/// Gap reason for events that arrived after their window closed.
+pub const GAP_REASON_LATE: &str = "late";
+/// Gap reason for events stamped too far in the future.
+pub const GAP_REASON_FUTURE: &str = "future";
+
+/// Events no summary counts, waiting to be reported in a gap record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Dropped {
+    events: u64,
+    from_ms: i64,
+    to_ms: i64,
+}
+
+impl Dropped {
+    fn add(&mut self, ts_ms: i64) {
+        if self.events == 0 {
+            (self.from_ms, self.to_ms) = (ts_ms, ts_ms);
+        } else {
+            self.from_ms = self.from_ms.min(ts_ms);
+            self.to_ms = self.to_ms.max(ts_ms);
+        }
+        self.events += 1;
+    }
+
+    /// The gap reporting this tally (if it holds any events), which empties it.
+    fn take_gap(&mut self, reason: &str) -> Option<Gap> {
+        if self.events == 0 {
+            return None;
+        }
+        let tally = std::mem::take(self);
+        Some(Gap {
+            lane: Lane::Summaries,
+            first_seq: 0,
+            last_seq: 0,
+            records: 0,
+            from_ms: Some(tally.from_ms),
+            to_ms: Some(tally.to_ms),
+            reason: reason.to_string(),
+            events: tally.events,
+        })
+    }
+}
 
 /// Shortest time between two snapshots, whatever `journal.snapshot_interval` says: each
 /// snapshot costs a database-wide fsync, and SD-card wear grows with fsyncs.
@@ -182,6 +242,18 @@ struct State {
     last_summary_seq: u64,
     rules: RulesState,
     windows: WindowsState,
+    late: Dropped,
+    future: Dropped,
+}
+
+/// A version 2 snapshot: [`State`] without the tallies.
+#[derive(Deserialize)]
+struct StateV2 {
+    position: u64,
+    last_alert_seq: u64,
+    last_summary_seq: u64,
+    rules: RulesState,
+    windows: WindowsState,
 }
 
 /// The snapshotted state, borrowed (for encoding without a copy). Field order and types must
@@ -193,6 +265,8 @@ struct StateRef<'a> {
     last_summary_seq: u64,
     rules: &'a RulesState,
     windows: &'a WindowsState,
+    late: &'a Dropped,
+    future: &'a Dropped,
 }
 
 /// All rule and window state, and the lane counters. See the module docs.
@@ -203,6 +277,8 @@ pub struct Processor {
     last_summary_seq: u64,
     rules: Rules,
     windows: Windows,
+    late: Dropped,
+    future: Dropped,
     /// Source names by index, to label rejected events in metrics.
     source_names: Vec<String>,
 }
@@ -216,6 +292,8 @@ impl Processor {
             last_summary_seq: 0,
             rules: Rules::new(&config.rules)?,
             windows: Windows::new(&config.summary)?,
+            late: Dropped::default(),
+            future: Dropped::default(),
             source_names: source_names(config),
         })
     }
@@ -223,14 +301,28 @@ impl Processor {
     /// A processor continuing from a [`Processor::snapshot`].
     pub fn restore(config: &Config, snapshot: &[u8]) -> Result<Processor, ProcessorError> {
         let (&version, body) = snapshot.split_first().ok_or(ProcessorError::SnapshotEmpty)?;
-        if version != SNAPSHOT_VERSION {
-            return Err(ProcessorError::SnapshotVersion {
-                found: version,
-                expected: SNAPSHOT_VERSION,
-            });
-        }
-        let (state, rest): (State, &[u8]) =
-            postcard::take_from_bytes(body).map_err(ProcessorError::SnapshotDecode)?;
+        let (state, rest): (State, &[u8]) = match version {
+            SNAPSHOT_VERSION => {
+                postcard::take_from_bytes(body).map_err(ProcessorError::SnapshotDecode)?
+            }
+            SNAPSHOT_VERSION_2 => {
+                let (old, rest): (StateV2, &[u8]) =
+                    postcard::take_from_bytes(body).map_err(ProcessorError::SnapshotDecode)?;
+                let state = State {
+                    position: old.position,
+                    last_alert_seq: old.last_alert_seq,
+                    last_summary_seq: old.last_summary_seq,
+                    rules: old.rules,
+                    windows: old.windows,
+                    late: Dropped::default(),
+                    future: Dropped::default(),
+                };
+                (state, rest)
+            }
+            found => {
+                return Err(ProcessorError::SnapshotVersion { found, expected: SNAPSHOT_VERSION });
+            }
+        };
         if !rest.is_empty() {
             return Err(ProcessorError::SnapshotTrailing { extra: rest.len() });
         }
@@ -240,6 +332,8 @@ impl Processor {
             last_summary_seq: state.last_summary_seq,
             rules: Rules::restore(&config.rules, state.rules)?,
             windows: Windows::restore(&config.summary, state.windows)?,
+            late: state.late,
+            future: state.future,
             source_names: source_names(config),
         })
     }
@@ -252,6 +346,8 @@ impl Processor {
             last_summary_seq: self.last_summary_seq,
             rules: self.rules.state(),
             windows: self.windows.state(),
+            late: &self.late,
+            future: &self.future,
         };
         let mut bytes = vec![SNAPSHOT_VERSION];
         // postcard fails only on unknown-length sequences or a full buffer; the state has
@@ -291,8 +387,9 @@ impl Processor {
     /// (`events_processed`, `alerts_raised`/`alerts_cleared`, `summaries`, `late_events`,
     /// `future_events`, and non-finite values as rejected input of the event's source).
     ///
-    /// Within one entry, summaries come first (the windows the entry's time closed), then
-    /// alerts in rule order.
+    /// Within one entry, summaries come first (the windows the entry's time closed), then the
+    /// gaps reporting late and future events (at ticks and window closes), then alerts in
+    /// rule order.
     pub fn apply(&mut self, seq: u64, entry: &Entry, metrics: &Metrics, out: &mut Vec<Output>) {
         if seq <= self.position {
             return;
@@ -322,9 +419,13 @@ impl Processor {
                 // which have no windows, see it.
                 Admission::Late => {
                     Metrics::add(&metrics.late_events, 1);
+                    self.late.add(event.ts_ms);
                     self.rules.on_event(event, &mut alerts);
                 }
-                Admission::Future => Metrics::add(&metrics.future_events, 1),
+                Admission::Future => {
+                    Metrics::add(&metrics.future_events, 1);
+                    self.future.add(event.ts_ms);
+                }
                 Admission::NotFinite => {
                     let source = self
                         .source_names
@@ -334,6 +435,8 @@ impl Processor {
                 }
             }
         }
+        // Dropped events are reported with the clock's ticks and window closes.
+        let report_dropped = matches!(entry, Entry::Tick { .. }) || !summaries.is_empty();
         for summary in summaries {
             Metrics::add(&metrics.summaries, 1);
             self.last_summary_seq += 1;
@@ -342,6 +445,18 @@ impl Processor {
                 seq: self.last_summary_seq,
                 body: RecordBody::Summary(summary),
             });
+        }
+        if report_dropped {
+            let late = self.late.take_gap(GAP_REASON_LATE);
+            let future = self.future.take_gap(GAP_REASON_FUTURE);
+            for gap in late.into_iter().chain(future) {
+                self.last_summary_seq += 1;
+                out.push(Output {
+                    lane: Lane::Summaries,
+                    seq: self.last_summary_seq,
+                    body: RecordBody::Gap(gap),
+                });
+            }
         }
         for alert in alerts {
             match alert.state {
@@ -943,6 +1058,57 @@ mod tests {
         let out = apply_all(&mut processor, 1, &entries, &metrics);
         assert_eq!(out.len(), 1);
         assert_eq!(alert(&out[0]).ts_ms, 1_000);
+    }
+
+    #[test]
+    fn late_and_future_events_are_reported_in_gaps_at_the_next_tick_across_a_restart() {
+        let metrics = Metrics::default();
+        let mut processor = Processor::new(&config()).unwrap();
+        let entries = [
+            Entry::Tick { now_ms: 100_000 },
+            ev("x/other", 2_000, 1.0, 100_000),
+            ev("x/other", 1_000, 1.0, 100_000),
+            ev("x/other", 900_000, 1.0, 100_000),
+        ];
+        let out = apply_all(&mut processor, 1, &entries, &metrics);
+        assert!(out.is_empty(), "reported at the next tick, not per event: {out:?}");
+        // The tallies are in the snapshot.
+        let mut processor = Processor::restore(&config(), &processor.snapshot()).unwrap();
+        let out = apply_all(&mut processor, 5, &[Entry::Tick { now_ms: 100_100 }], &metrics);
+        let gaps: Vec<(u64, &Gap)> = out
+            .iter()
+            .map(|o| match &o.body {
+                RecordBody::Gap(g) if o.lane == Lane::Summaries => (o.seq, g),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(gaps.len(), 2, "{gaps:?}");
+        let (late, future) = (gaps[0].1, gaps[1].1);
+        assert_eq!(
+            (late.reason.as_str(), late.events, late.from_ms, late.to_ms, late.records),
+            (GAP_REASON_LATE, 2, Some(1_000), Some(2_000), 0)
+        );
+        assert_eq!(
+            (future.reason.as_str(), future.events, future.from_ms, future.to_ms),
+            (GAP_REASON_FUTURE, 1, Some(900_000), Some(900_000))
+        );
+        assert_eq!((gaps[0].0, gaps[1].0), (1, 2), "numbered in the summaries lane");
+        let out = apply_all(&mut processor, 6, &[Entry::Tick { now_ms: 100_200 }], &metrics);
+        assert!(out.is_empty(), "reported once: {out:?}");
+    }
+
+    #[test]
+    fn version_2_snapshots_are_still_read() {
+        let metrics = Metrics::default();
+        let mut processor = Processor::new(&config()).unwrap();
+        apply_all(&mut processor, 1, &[ev("pump-1/temperature", 1_000, 60.0, 1_000)], &metrics);
+        let current = processor.snapshot();
+        // Version 2 is version 3 without the two empty tallies (three zero varints each).
+        assert_eq!(current[current.len() - 6..], [0; 6]);
+        let mut v2 = current[..current.len() - 6].to_vec();
+        v2[0] = 2;
+        let restored = Processor::restore(&config(), &v2).unwrap();
+        assert_eq!(restored.snapshot(), current);
     }
 
     #[test]

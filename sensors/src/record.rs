@@ -203,8 +203,13 @@ pub struct Gap {
     pub from_ms: Option<i64>,
     /// Latest event time covered by the lost records (ms), if known.
     pub to_ms: Option<i64>,
-    /// Why they were lost: `outbox_full` (evicted at the byte cap) or `expired` (older than
-    /// the lane's TTL).
+    /// Why they were lost: `outbox_full` (evicted at the byte cap), `expired` (older than
+    /// the lane's TTL), `store_lost` (the agent's store could not be opened and was set
+    /// aside: what it held is unknown, so `records`, `events` and the seqs are 0 and `to_ms`
+    /// is when), or `late` / `future`: no records were lost (`records` and the seqs are 0),
+    /// but `events` valid readings are in no summary because they arrived after their window
+    /// closed or were stamped too far ahead (`from_ms`/`to_ms` are their timestamps). A
+    /// free-form string, so new reasons need no new format version.
     pub reason: String,
     /// Events covered by the lost records: the sum of the lost summaries' counts (0 for lost
     /// alerts), so that a backend can account for every event in a summary or a gap. Format
