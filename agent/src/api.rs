@@ -755,6 +755,12 @@ impl Collector for ScrapeCollector {
             get(&m.store_quarantines),
         )?;
         f.one(
+            "store_rollbacks",
+            "Outbox lanes found behind what upstream acknowledged (the store went back in time).",
+            Counter,
+            get(&m.store_rollbacks),
+        )?;
+        f.one(
             "late_events",
             "Events older than their window's allowed lateness.",
             Counter,

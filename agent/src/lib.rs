@@ -46,6 +46,7 @@ pub mod recording;
 pub mod reload;
 pub mod replay;
 pub mod rules;
+pub mod sentmark;
 pub mod source;
 pub mod store;
 pub mod summary;

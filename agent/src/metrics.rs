@@ -69,6 +69,9 @@ pub struct Metrics {
     /// Stores that failed to open and were quarantined (moved aside, a fresh one started),
     /// counted when the loss is reported upstream.
     pub store_quarantines: AtomicU64,
+    /// Outbox lanes found behind what upstream acknowledged at open (sled rolled the store
+    /// back; see [`crate::sentmark`]).
+    pub store_rollbacks: AtomicU64,
     /// Rejected input by `(source, cause)`.
     rejected: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Device counters by source name: one entry per configured source that reported any,

@@ -113,6 +113,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sensors::record::{Gap, Lane, Record, RecordBody, gap_id, record_id};
+
+use crate::sentmark::MarkFile;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -276,6 +278,8 @@ struct Inner {
     /// sled calls (no await, no fsync).
     state: Mutex<State>,
     notify: Notify,
+    /// What upstream acknowledged, outside sled (see [`crate::sentmark`]).
+    sent_mark: Mutex<MarkFile>,
 }
 
 /// The long-outage policies of `[buffer]`, resolved.
@@ -419,6 +423,54 @@ fn span(body: &RecordBody) -> Option<(i64, i64)> {
     }
 }
 
+/// Gap reason of a store that sled rolled back to an older state (see [`crate::sentmark`]).
+pub const GAP_REASON_ROLLED_BACK: &str = "store_rolled_back";
+
+/// The lane's `next_seq` (`next`) is below what upstream acknowledged (`resume`): sled
+/// rolled the store back. Upstream holds seqs `next..resume` under other contents, so the
+/// lane continues after them, and a gap record at `resume` says so: those seqs are skipped,
+/// and what the store held after the state it went back to (unsent records, journal
+/// entries) is lost, in unknown amounts (`records` and `events` are 0, `to_ms` is when).
+fn report_rollback(
+    tree: &sled::Tree,
+    state: &mut State,
+    lane: Lane,
+    next: u64,
+    resume: u64,
+    id: String,
+) -> Result<(), OutboxError> {
+    tracing::error!(
+        lane = lane.as_str(),
+        next_seq = next,
+        acknowledged_through = resume - 1,
+        "the store went back to an older state (damaged sled log?): upstream already holds \
+         later records; continuing after them and reporting a store_rolled_back gap"
+    );
+    let gap = Gap {
+        lane,
+        first_seq: next,
+        last_seq: resume - 1,
+        records: 0,
+        from_ms: None,
+        to_ms: Some(crate::event::now_ms()),
+        reason: GAP_REASON_ROLLED_BACK.to_string(),
+        events: 0,
+    };
+    // The gap takes seq `resume`, which upstream has never seen.
+    let record = Record { id, seq: resume, body: RecordBody::Gap(gap) };
+    let value = encode_record(lane, &record)?;
+    let mut batch = sled::Batch::default();
+    batch.insert(&record_key(lane, resume), value.clone());
+    batch.insert(&next_seq_key(lane), &(resume + 1).to_be_bytes());
+    tree.apply_batch(batch).map_err(OutboxError::sled("report a rollback"))?;
+    let lane_state = state.lane(lane);
+    lane_state.records += 1;
+    lane_state.bytes += (RECORD_KEY_LEN + value.len()) as u64;
+    lane_state.oldest.get_or_insert(resume);
+    lane_state.next_seq = resume + 1;
+    Ok(())
+}
+
 impl Outbox {
     /// Opens the outbox trees of `store`, counting records and bytes per lane, and enforces
     /// the byte cap at once (it may have been lowered since the last run).
@@ -463,6 +515,16 @@ impl Outbox {
         for (lane_state, stored) in state.lanes.iter_mut().zip(stored_next) {
             lane_state.next_seq = lane_state.next_seq.max(stored);
         }
+        let sent_mark = MarkFile::open(store.dir(), store.epoch());
+        for lane in Lane::ALL {
+            let resume = sent_mark.mark().next(lane);
+            let next = state.lane(lane).next_seq;
+            if resume > next {
+                let id = gap_id(agent_id, store.epoch(), lane, resume);
+                report_rollback(&tree, &mut state, lane, next, resume, id)?;
+                Metrics::add(&metrics.store_rollbacks, 1);
+            }
+        }
         let mut dead_letter_records = 0;
         for item in dead.iter().keys() {
             item.map_err(OutboxError::sled("scan dead letters"))?;
@@ -480,6 +542,7 @@ impl Outbox {
                 metrics,
                 state: Mutex::new(State::default()),
                 notify: Notify::new(),
+                sent_mark: Mutex::new(sent_mark),
             }),
         };
         {
@@ -652,8 +715,16 @@ impl Outbox {
         let lane_state = state.lane(lane);
         lane_state.records -= removed;
         lane_state.bytes -= bytes;
+        // Upstream holds the lane through `through` (never past what was written).
+        let acknowledged = through.min(lane_state.next_seq.saturating_sub(1));
         let refreshed = self.refresh_oldest(&mut state, lane);
         self.publish(&state);
+        drop(state);
+        let mut mark = self.inner.sent_mark.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(error) = mark.acknowledged(lane, acknowledged) {
+            // A safety net only (it detects a rolled-back store): the delivery stands.
+            tracing::warn!(%error, "cannot write the sent mark");
+        }
         refreshed
     }
 
@@ -1231,6 +1302,44 @@ mod tests {
             RecordBody::Gap(gap) => Some(gap),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_lane_behind_what_upstream_acknowledged_continues_after_it_with_a_gap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, outbox, _) = open(&tmp, BIG);
+        for seq in 0..5 {
+            assert!(outbox.put(Lane::Summaries, seq, summary(seq as i64)).unwrap());
+        }
+        // An acknowledgement past the last record does not raise the mark past it.
+        outbox.remove_through(Lane::Summaries, 99).unwrap();
+        let mark = crate::sentmark::MarkFile::open(store.dir(), store.epoch()).mark();
+        assert_eq!(mark.next(Lane::Summaries), 5);
+        drop((outbox, store));
+        // A plain reopen: nothing to report.
+        let (store, outbox, metrics) = open(&tmp, BIG);
+        assert_eq!(outbox.next_seq(Lane::Summaries), 5);
+        assert!(all(&outbox, Lane::Summaries).is_empty());
+        assert_eq!(crate::metrics::get(&metrics.store_rollbacks), 0);
+        // Upstream acknowledged through seq 9 before the store went back to seq 5 (what sled
+        // does with a damaged log), as far as the mark knows.
+        let mut file = crate::sentmark::MarkFile::open(store.dir(), store.epoch());
+        file.acknowledged(Lane::Summaries, 9).unwrap();
+        drop((outbox, store));
+        let (store, outbox, metrics) = open(&tmp, BIG);
+        assert_eq!(crate::metrics::get(&metrics.store_rollbacks), 1);
+        assert_eq!(outbox.next_seq(Lane::Summaries), 11, "continues after the gap");
+        assert_eq!(outbox.next_seq(Lane::Alerts), 0, "the other lane is untouched");
+        let lane = all(&outbox, Lane::Summaries);
+        assert_eq!(seqs(&lane), vec![10]);
+        assert_eq!(lane[0].id, gap_id(AGENT, store.epoch(), Lane::Summaries, 10));
+        let gap = gap_of(&lane[0]).expect("a gap");
+        assert_eq!(
+            (gap.reason.as_str(), gap.first_seq, gap.last_seq, gap.records, gap.events),
+            (GAP_REASON_ROLLED_BACK, 5, 9, 0, 0)
+        );
+        assert!(!outbox.put(Lane::Summaries, 7, summary(7)).unwrap(), "skipped seqs stay unused");
+        assert!(outbox.put(Lane::Summaries, 11, summary(11)).unwrap());
     }
 
     #[test]

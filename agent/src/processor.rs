@@ -641,6 +641,21 @@ pub async fn run(
         replayed,
         "processor replayed the journal"
     );
+    // Replay regenerates every record the outbox holds, so the outbox is ahead only when it
+    // continued past a rollback of the store (see `crate::sentmark`): number new records
+    // after it, or the outbox would ignore them.
+    for lane in Lane::ALL {
+        let outbox_last = outbox.next_seq(lane).saturating_sub(1);
+        if processor.last_seq(lane) < outbox_last {
+            warn!(
+                lane = lane.as_str(),
+                from = processor.last_seq(lane),
+                to = outbox_last,
+                "the outbox is ahead of the processor: skipping to its seqs"
+            );
+            processor.skip_seqs_through(lane, outbox_last);
+        }
+    }
 
     let period = config.journal.snapshot_interval.max(MIN_SNAPSHOT_INTERVAL);
     let mut timer = tokio::time::interval_at(Instant::now() + period, period);

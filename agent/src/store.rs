@@ -183,6 +183,7 @@ pub struct OpenReport {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: sled::Db,
+    dir: PathBuf,
     snapshot: sled::Tree,
     epoch: u64,
 }
@@ -282,7 +283,7 @@ impl Store {
                 (epoch, true)
             }
         };
-        Ok((Store { db, snapshot, epoch }, created))
+        Ok((Store { db, dir: dir.to_path_buf(), snapshot, epoch }, created))
     }
 
     /// The sled database, for modules that open their own trees.
@@ -293,6 +294,11 @@ impl Store {
     /// The store epoch: random, fixed for the life of this store.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The store's directory (sled's files, and [`crate::sentmark`]'s beside them).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The quarantined store this store replaced, until [`Store::clear_lost_store`].

@@ -288,11 +288,12 @@ fn assert_recovers(rig: &Rig, before: usize, damaged_file: &str) -> Agent {
 }
 
 /// Restarts the agent on a store that sled recovers silently (see the two tests below):
-/// the agent starts, keeps running and delivers new summaries. Returns how many records of
-/// the restarted agent reuse the id of a different record upstream already received: with
-/// the store's epoch unchanged and its outbox rolled back, upstream drops those as
-/// duplicates (the silent loss these tests document; printed, not asserted).
-fn assert_keeps_running(rig: &Rig, before: usize, case: &str) -> usize {
+/// sled opens it as an older, consistent store with the same epoch. The agent starts, keeps
+/// running and delivers new summaries; the sent mark (`agent/src/sentmark.rs`) tells it that
+/// upstream already holds later seqs, so it reports a `store_rolled_back` gap and numbers
+/// its new records after them: no new record reuses the id of a different record upstream
+/// received (upstream would drop it as a duplicate: a silent loss).
+fn assert_rollback_reported(rig: &Rig, before: usize, case: &str) {
     let start = Instant::now();
     let mut agent = rig.start();
     let after = rig.wait_for(&mut agent, before, "summaries after the restart", |r| {
@@ -302,40 +303,54 @@ fn assert_keeps_running(rig: &Rig, before: usize, case: &str) -> usize {
     agent.assert_running(case);
     agent.terminate();
     let old = &rig.received()[..before];
-    let reused =
-        after.iter().filter(|r| old.iter().any(|o| o.id == r.id && o.body != r.body)).count();
+    let reused: Vec<&Record> =
+        after.iter().filter(|r| old.iter().any(|o| o.id == r.id && o.body != r.body)).collect();
+    let rolled_back: Vec<_> = after
+        .iter()
+        .filter_map(|r| match &r.body {
+            RecordBody::Gap(g) if g.reason == "store_rolled_back" => Some((r.seq, g)),
+            _ => None,
+        })
+        .collect();
     eprintln!(
         "{case}: summaries flowing {flowing_in:?} after the restart; quarantined: {:?}; \
-         loss reported: {}; {reused} of {} new records reuse an id upstream holds",
+         rollback gaps: {rolled_back:?}; {} of {} new records reuse an id upstream holds",
         rig.quarantined(),
-        after.iter().any(|r| matches!(&r.body, RecordBody::Gap(g) if g.reason == "store_lost")),
+        reused.len(),
         after.len()
     );
-    reused
+    assert!(rig.quarantined().is_empty(), "{case}: sled opened it, nothing to quarantine");
+    assert!(reused.is_empty(), "{case}: new records under ids upstream holds: {reused:#?}");
+    let old_last = old.iter().filter(|r| r.id.contains(":summaries:")).map(|r| r.seq).max();
+    let (gap_seq, gap) = rolled_back.first().copied().unwrap_or_else(|| {
+        panic!("{case}: no store_rolled_back gap; upstream held through {old_last:?}")
+    });
+    assert_eq!(gap.lane, Lane::Summaries);
+    assert!(Some(gap.last_seq) >= old_last && gap_seq > gap.last_seq, "{case}: {gap:?}");
 }
 
 /// sled 0.34 wrote no snapshot file (`snap.*`) in these runs: its whole state is replayed
 /// from the log in `db` at open, and a message that fails its CRC ends the replay as a torn
 /// write would. Garbage in the log therefore opens as an older, consistent store (no error
-/// at open nor later): the agent does not crash-loop, but the loss is not detected.
+/// at open nor later): the agent does not crash-loop, and reports the rollback.
 #[test]
-fn garbage_over_the_middle_of_the_data_file_never_crash_loops() {
+fn garbage_over_the_middle_of_the_data_file_is_reported_as_a_rollback() {
     let rig = Rig::new();
     let before = rig.fill();
     eprintln!("store files: {:?}", files(&rig.data()));
     smash_middle(&rig.data().join("db"));
-    assert_keeps_running(&rig, before, "garbage in db");
+    assert_rollback_reported(&rig, before, "garbage in db");
 }
 
 /// The same for a log cut short: sled takes the cut for a torn write.
 #[test]
-fn a_data_file_truncated_to_half_never_crash_loops() {
+fn a_data_file_truncated_to_half_is_reported_as_a_rollback() {
     let rig = Rig::new();
     let before = rig.fill();
     let db = rig.data().join("db");
     let size = std::fs::metadata(&db).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&db).unwrap().set_len(size / 2).unwrap();
-    assert_keeps_running(&rig, before, "db truncated");
+    assert_rollback_reported(&rig, before, "db truncated");
 }
 
 #[test]
