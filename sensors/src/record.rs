@@ -206,7 +206,10 @@ pub struct Gap {
     /// Why they were lost: `outbox_full` (evicted at the byte cap), `expired` (older than
     /// the lane's TTL), `store_lost` (the agent's store could not be opened and was set
     /// aside: what it held is unknown, so `records`, `events` and the seqs are 0 and `to_ms`
-    /// is when), or `late` / `future`: no records were lost (`records` and the seqs are 0),
+    /// is when), `store_rolled_back` (sled opened the store at an older state: seqs
+    /// `first_seq..=last_seq` are skipped because upstream already holds them, and what the
+    /// store held after that state is lost in unknown amounts), or `late` / `future`: no
+    /// records were lost (`records` and the seqs are 0),
     /// but `events` valid readings are in no summary because they arrived after their window
     /// closed or were stamped too far ahead (`from_ms`/`to_ms` are their timestamps). A
     /// free-form string, so new reasons need no new format version.

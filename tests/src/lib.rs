@@ -10,18 +10,25 @@
 //! - [`expect`]: expected summaries computed from what a test published.
 //! - [`wait`]: polling helpers; nothing sleeps for a guessed time.
 //! - [`tls`]: a PKI made at test time and an HTTPS receiver with client certificates.
+//! - [`api`]: `GET` on the agent's local API, its metrics and readiness checks.
+//! - [`rig`]: a broker, a receiver and an agent wired together, a steady QoS 1 load, and the
+//!   accounting of the fault suite (published, lost, duplicated; `FIGURES` lines).
+//! - [`proxy`]: a TCP proxy that passes, refuses or cuts connections mid-packet.
 //!
 //! The harness is synchronous: each fixture owns its threads (and tokio runtime), so tests
 //! are plain `#[test]` functions that the test runner runs in parallel. Every fixture cleans
 //! up on drop and prints its logs when the test is failing.
 
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod device;
 pub mod expect;
 pub mod mosquitto;
+pub mod proxy;
 pub mod publisher;
 pub mod receiver;
+pub mod rig;
 pub mod tls;
 pub mod wait;
 

@@ -10,6 +10,14 @@
 //! on the same port later. Only batches answered with 200 count as received; rejected ones
 //! are merely counted, because the agent must send them again.
 //!
+//! Faults ([`Fault`], [`FaultPlan`]) make it a bad upstream on purpose: 5xx answers, answers
+//! held past the agent's timeout, slow answers, connections reset without an answer, and
+//! batches read in full and then failed (answered 500 or the connection closed), which are
+//! kept apart as received-but-failed and never count as delivered. A plan fails each request
+//! with a probability, choosing among its faults with a generator seeded by the plan, so a
+//! mixed run is reproducible (given the same sequence of requests). Every injected fault is
+//! counted in [`Received::faults`].
+//!
 //! Records are de-duplicated by id, the wire format's de-duplication key; a resent record
 //! whose content differs from the first copy is reported as a conflict, since an agent that
 //! replays its journal after a crash must reproduce its output exactly. A gap record has the
@@ -19,15 +27,22 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::serve::IncomingStream;
 use sensors::record::{Alert, BATCH_FORMAT_VERSION, Batch, Gap, Lane, Record, RecordBody, Summary};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 /// The path batches are posted to.
@@ -40,6 +55,93 @@ pub enum Mode {
     Up,
     /// 503 Service Unavailable for every request.
     Unavailable,
+}
+
+/// One way of failing a request on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fault {
+    /// A 5xx answer (500, 502, 503 or 504, chosen by the plan's generator); the body is read
+    /// but not decoded, and counts as rejected.
+    ServerError,
+    /// The batch is stored (it counts as received, as at a backend that committed it) but
+    /// the answer is held for [`FaultPlan::hold`], longer than the agent's upstream timeout:
+    /// the agent gives up and sends it again, a duplicate the receiver counts.
+    Timeout,
+    /// The batch is stored and answered 200 after [`FaultPlan::slow`] (shorter than the
+    /// agent's timeout).
+    Slow,
+    /// The connection is reset (RST) without an answer, once the request is read.
+    Reset,
+    /// The batch is read and decoded, kept as received-but-failed (not delivered), and
+    /// answered 500.
+    AcceptThenFail,
+    /// The batch is read and decoded, kept as received-but-failed (not delivered), and the
+    /// connection is closed without an answer.
+    AcceptThenClose,
+}
+
+impl Fault {
+    /// Every fault, in declaration order.
+    pub const ALL: [Fault; 6] = [
+        Fault::ServerError,
+        Fault::Timeout,
+        Fault::Slow,
+        Fault::Reset,
+        Fault::AcceptThenFail,
+        Fault::AcceptThenClose,
+    ];
+}
+
+/// Which requests fail, and how: each request fails with `probability`, with a fault drawn
+/// uniformly from `faults` by a generator seeded with `seed`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultPlan {
+    /// Seed of the generator that decides each request.
+    pub seed: u64,
+    /// Share of requests that fail, 0.0 to 1.0.
+    pub probability: f64,
+    /// The faults to choose from; an empty list fails nothing.
+    pub faults: Vec<Fault>,
+    /// How long [`Fault::Timeout`] holds its answer: longer than the agent's timeout.
+    pub hold: Duration,
+    /// How long [`Fault::Slow`] delays its answer: shorter than the agent's timeout.
+    pub slow: Duration,
+}
+
+impl FaultPlan {
+    /// Every request fails with `fault` (holding 6 s for a timeout, past the harness's 5 s,
+    /// and within the 10 s [`Receiver::refuse_connections`] waits; 200 ms when slow).
+    pub fn always(fault: Fault) -> FaultPlan {
+        FaultPlan {
+            seed: 0,
+            probability: 1.0,
+            faults: vec![fault],
+            hold: Duration::from_secs(6),
+            slow: Duration::from_millis(200),
+        }
+    }
+
+    /// A request fails with a random 5xx with `probability`.
+    pub fn server_errors(probability: f64, seed: u64) -> FaultPlan {
+        FaultPlan { seed, probability, ..FaultPlan::always(Fault::ServerError) }
+    }
+
+    /// A request fails with `probability`, in any of the [`Fault::ALL`] ways.
+    pub fn mixed(probability: f64, seed: u64) -> FaultPlan {
+        FaultPlan {
+            seed,
+            probability,
+            faults: Fault::ALL.to_vec(),
+            ..FaultPlan::always(Fault::Slow)
+        }
+    }
+
+    /// The same plan holding timeouts for `hold` and delaying slow answers by `slow`.
+    pub fn with_delays(mut self, hold: Duration, slow: Duration) -> FaultPlan {
+        self.hold = hold;
+        self.slow = slow;
+        self
+    }
 }
 
 /// The records of one agent store: ids are unique within `(agent, epoch, lane)`.
@@ -99,6 +201,13 @@ pub struct Received {
     pub accepted_requests: u64,
     /// Requests answered 503 (down or failing on purpose).
     pub rejected_requests: u64,
+    /// Requests failed by a [`FaultPlan`], by fault (`Slow` included, though it delivers).
+    pub faults: BTreeMap<Fault, u64>,
+    /// Batches read in full and then failed ([`Fault::AcceptThenFail`],
+    /// [`Fault::AcceptThenClose`]): received but not delivered.
+    pub failed_batches: Vec<BatchInfo>,
+    /// Ids (parsed, as in `unique`) of the records of `failed_batches`.
+    pub failed_records: BTreeSet<(Stream, u64, bool)>,
     highest_first_seen: HashMap<Stream, u64>,
 }
 
@@ -179,15 +288,34 @@ impl Received {
         holes
     }
 
+    /// Requests failed by a [`FaultPlan`], all faults.
+    pub fn faults_injected(&self) -> u64 {
+        self.faults.values().sum()
+    }
+
+    /// Records of received-but-failed batches that never arrived in a delivered batch.
+    pub fn failed_never_delivered(&self) -> Vec<String> {
+        self.failed_records
+            .iter()
+            .filter(|key| !self.unique.contains_key(key))
+            .map(|(stream, seq, gap)| {
+                format!("{stream:?} seq {seq}{}", if *gap { " gap" } else { "" })
+            })
+            .collect()
+    }
+
     /// A one-paragraph account for assertion messages.
     pub fn describe(&self) -> String {
         format!(
-            "{} batches ({} accepted requests, {} rejected), {} raw records, {} unique, {} \
-             duplicates, {} summaries (count total {}), {} alerts, {} gaps; order violations: \
-             {:?}; conflicts: {:?}; protocol errors: {:?}; holes: {:?}",
+            "{} batches ({} accepted requests, {} rejected, faults {:?}, {} batches failed \
+             after receipt), {} raw records, {} unique, {} duplicates, {} summaries (count \
+             total {}), {} alerts, {} gaps; order violations: {:?}; conflicts: {:?}; protocol \
+             errors: {:?}; holes: {:?}",
             self.batches.len(),
             self.accepted_requests,
             self.rejected_requests,
+            self.faults,
+            self.failed_batches.len(),
             self.raw_records,
             self.unique_count(),
             self.duplicates,
@@ -234,6 +362,18 @@ impl Received {
                     *highest = (*highest).max(record.seq);
                     self.unique.insert(key, record);
                 }
+            }
+        }
+    }
+
+    /// Takes in one decoded batch that is then failed on purpose: checked, kept apart, not
+    /// delivered.
+    fn record_failed_batch(&mut self, batch: Batch, info: BatchInfo) {
+        self.check_batch(&batch, &info);
+        self.failed_batches.push(info);
+        for record in batch.records {
+            if let Some((stream, is_gap)) = parse_id(&record.id) {
+                self.failed_records.insert((stream, record.seq, is_gap));
             }
         }
     }
@@ -337,6 +477,150 @@ struct Control {
     mode: Mode,
     fail_next: u64,
     delay: Duration,
+    plan: Option<(FaultPlan, fastrand::Rng)>,
+}
+
+impl Control {
+    /// Decides the next request: a fault, the status of a `ServerError` and how long a
+    /// `Timeout` or `Slow` answer waits.
+    fn next_fault(&mut self) -> Option<(Fault, StatusCode, Duration)> {
+        let (plan, rng) = self.plan.as_mut()?;
+        if plan.faults.is_empty() || rng.f64() >= plan.probability {
+            return None;
+        }
+        let fault = plan.faults[rng.usize(..plan.faults.len())];
+        let status = [500, 502, 503, 504][rng.usize(..4)];
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let wait = match fault {
+            Fault::Timeout => plan.hold,
+            Fault::Slow => plan.slow,
+            _ => Duration::ZERO,
+        };
+        Some((fault, status, wait))
+    }
+}
+
+/// What a handler asks of its connection: nothing, close it, or reset it.
+const CONN_OK: u8 = 0;
+const CONN_CLOSE: u8 = 1;
+const CONN_RESET: u8 = 2;
+
+/// A handle on one accepted connection (the `ConnectInfo` of every request on it), through
+/// which a handler can have it closed or reset instead of answered.
+#[derive(Debug, Clone)]
+struct Conn {
+    kill: Arc<AtomicU8>,
+}
+
+impl Conn {
+    fn new() -> Conn {
+        Conn { kill: Arc::new(AtomicU8::new(CONN_OK)) }
+    }
+
+    /// From now on the connection fails every read and write, so the answer being written
+    /// is never sent and hyper drops the socket; `how` is [`CONN_CLOSE`] (FIN) or
+    /// [`CONN_RESET`] (RST).
+    fn kill(&self, how: u8) {
+        self.kill.store(how, Ordering::SeqCst);
+    }
+}
+
+impl Connected<IncomingStream<'_, FaultListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, FaultListener>) -> Conn {
+        stream.remote_addr().clone()
+    }
+}
+
+/// The receiver's listener: a TCP listener whose connections can be killed by a handler.
+struct FaultListener(tokio::net::TcpListener);
+
+impl axum::serve::Listener for FaultListener {
+    type Io = FaultIo;
+    type Addr = Conn;
+
+    async fn accept(&mut self) -> (FaultIo, Conn) {
+        loop {
+            match self.0.accept().await {
+                Ok((stream, _)) => {
+                    let conn = Conn::new();
+                    return (FaultIo { stream, conn: conn.clone(), lingered: false }, conn);
+                }
+                // Out of descriptors and the like: wait a little, as axum's own loop does.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Conn> {
+        self.0.local_addr().map(|_| Conn::new())
+    }
+}
+
+/// An accepted TCP stream that fails once its [`Conn`] is killed.
+struct FaultIo {
+    stream: tokio::net::TcpStream,
+    conn: Conn,
+    lingered: bool,
+}
+
+impl FaultIo {
+    /// The error every operation returns once the connection is killed (after arranging an
+    /// RST for a reset: `SO_LINGER` 0 makes the close abortive).
+    fn killed(&mut self) -> Option<std::io::Error> {
+        match self.conn.kill.load(Ordering::SeqCst) {
+            CONN_OK => None,
+            how => {
+                if how == CONN_RESET && !self.lingered {
+                    self.lingered = true;
+                    // A zero linger does not block on drop, which is what the deprecation
+                    // is about.
+                    #[allow(deprecated)]
+                    let _ = self.stream.set_linger(Some(Duration::ZERO));
+                }
+                Some(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "killed by the test",
+                ))
+            }
+        }
+    }
+}
+
+impl AsyncRead for FaultIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for FaultIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.killed() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 impl Shared {
@@ -370,7 +654,12 @@ impl Receiver {
         let addr = listener.local_addr().expect("local_addr");
         let shared = Arc::new(Shared {
             received: Mutex::new(Received::default()),
-            control: Mutex::new(Control { mode: Mode::Up, fail_next: 0, delay: Duration::ZERO }),
+            control: Mutex::new(Control {
+                mode: Mode::Up,
+                fail_next: 0,
+                delay: Duration::ZERO,
+                plan: None,
+            }),
         });
         let mut receiver = Receiver { rt, addr, shared, server: None };
         receiver.serve(listener);
@@ -383,6 +672,8 @@ impl Receiver {
             .layer(DefaultBodyLimit::disable())
             .with_state(self.shared.clone());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let listener = FaultListener(listener);
+        let app = app.into_make_service_with_connect_info::<Conn>();
         let task = self.rt.spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -423,6 +714,23 @@ impl Receiver {
     /// upstream, which keeps requests in flight long enough to kill the sender meanwhile.
     pub fn set_delay(&self, delay: Duration) {
         self.shared.control().delay = delay;
+    }
+
+    /// Fails requests as `plan` says from now on (after `Unavailable` and
+    /// [`Receiver::fail_next`], which come first); the plan's generator starts from its seed.
+    pub fn set_faults(&self, plan: FaultPlan) {
+        let rng = fastrand::Rng::with_seed(plan.seed);
+        self.shared.control().plan = Some((plan, rng));
+    }
+
+    /// Stops failing requests on purpose.
+    pub fn clear_faults(&self) {
+        self.shared.control().plan = None;
+    }
+
+    /// Requests failed with `fault` so far.
+    pub fn fault_count(&self, fault: Fault) -> u64 {
+        self.with(|r| r.faults.get(&fault).copied().unwrap_or(0))
     }
 
     /// Stops listening: new connections are refused and open ones are closed once their
@@ -518,17 +826,35 @@ pub fn decode_body(encoding: &str, body: &[u8]) -> Result<Vec<u8>, String> {
 
 async fn ingest(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, String) {
-    {
+) -> Response {
+    let fault = {
         let mut control = shared.control();
         if control.mode == Mode::Unavailable || control.fail_next > 0 {
             control.fail_next = control.fail_next.saturating_sub(1);
             drop(control);
             shared.received().rejected_requests += 1;
-            return (StatusCode::SERVICE_UNAVAILABLE, "down for the test\n".into());
+            return (StatusCode::SERVICE_UNAVAILABLE, "down for the test\n").into_response();
         }
+        let fault = control.next_fault();
+        drop(control);
+        if let Some((fault, _, _)) = fault {
+            *shared.received().faults.entry(fault).or_insert(0) += 1;
+        }
+        fault
+    };
+    match fault {
+        Some((Fault::ServerError, status, _)) => {
+            shared.received().rejected_requests += 1;
+            return (status, "failing for the test\n").into_response();
+        }
+        Some((Fault::Reset, _, _)) => {
+            conn.kill(CONN_RESET);
+            return (StatusCode::INTERNAL_SERVER_ERROR, "never sent\n").into_response();
+        }
+        _ => {}
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let encoding = header("content-encoding").unwrap_or_else(|| "identity".into());
@@ -536,7 +862,7 @@ async fn ingest(
     let refuse = |shared: &Shared, e: sensors::wire::WireError| {
         let reason = error_chain(&e);
         shared.received().protocol_errors.push(format!("undecodable body: {reason}"));
-        (StatusCode::BAD_REQUEST, format!("{reason}\n"))
+        (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response()
     };
     // Decompressed first only to measure it; `decode` does the rest (type, verification).
     let compression = sensors::wire::Compression::from_content_encoding(&encoding)
@@ -563,14 +889,83 @@ async fn ingest(
         wire_bytes: body.len(),
         json_bytes: decoded.len(),
     };
+    if let Some((fault @ (Fault::AcceptThenFail | Fault::AcceptThenClose), _, _)) = fault {
+        shared.received().record_failed_batch(batch, info);
+        if fault == Fault::AcceptThenClose {
+            conn.kill(CONN_CLOSE);
+        }
+        return (StatusCode::INTERNAL_SERVER_ERROR, "stored nothing after all\n").into_response();
+    }
     {
         let mut received = shared.received();
         received.accepted_requests += 1;
         received.record_batch(batch, info);
     }
-    let delay = shared.control().delay;
+    let delay = match fault {
+        Some((Fault::Timeout | Fault::Slow, _, wait)) => wait,
+        _ => shared.control().delay,
+    };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    (StatusCode::OK, "ok\n".into())
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// Posts a (not decodable) body on a fresh connection: what came back, or the error.
+    fn post(receiver: &Receiver) -> Result<String, std::io::Error> {
+        let mut stream = std::net::TcpStream::connect(receiver.addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let body = "{}";
+        let request = format!(
+            "POST {INGEST_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    }
+
+    #[test]
+    fn a_reset_answers_nothing_and_a_server_error_answers_5xx() {
+        let receiver = Receiver::start();
+        receiver.set_faults(FaultPlan::always(Fault::Reset));
+        match post(&receiver) {
+            Ok(response) => assert!(response.is_empty(), "answered: {response:?}"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        receiver.set_faults(FaultPlan::always(Fault::ServerError));
+        let response = post(&receiver).expect("an answer");
+        assert!(response.starts_with("HTTP/1.1 50"), "{response:?}");
+        receiver.clear_faults();
+        let response = post(&receiver).expect("an answer");
+        assert!(response.starts_with("HTTP/1.1 400"), "undecodable body: {response:?}");
+        let faults = receiver.with(|r| r.faults.clone());
+        assert_eq!(faults, BTreeMap::from([(Fault::ServerError, 1), (Fault::Reset, 1)]));
+    }
+
+    #[test]
+    fn a_plan_is_reproducible_from_its_seed() {
+        let decisions = |seed| {
+            let mut control = Control {
+                mode: Mode::Up,
+                fail_next: 0,
+                delay: Duration::ZERO,
+                plan: Some((FaultPlan::mixed(0.5, seed), fastrand::Rng::with_seed(seed))),
+            };
+            (0..200).map(|_| control.next_fault().map(|(f, s, _)| (f, s))).collect::<Vec<_>>()
+        };
+        assert_eq!(decisions(7), decisions(7));
+        assert_ne!(decisions(7), decisions(8));
+        let failed = decisions(7).iter().filter(|d| d.is_some()).count();
+        assert!((60..140).contains(&failed), "{failed} of 200 failed at p = 0.5");
+    }
 }

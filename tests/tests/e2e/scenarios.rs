@@ -5,72 +5,17 @@
 //! once their end plus `allowed_lateness` has passed, and the test then waits for the
 //! summaries instead of sleeping.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use edgewise_tests::rig::{Rig, assert_clean_stream, messages};
 use edgewise_tests::{
-    Agent, AgentConfig, Mosquitto, Publisher, QoS, Reading, Receiver, compare_alerts,
-    compare_summaries, expected_summaries, expected_threshold_alerts, now_ms, wait_for, wait_until,
-    window_start,
+    Publisher, QoS, Reading, Receiver, compare_alerts, compare_summaries, expected_summaries,
+    expected_threshold_alerts, now_ms, wait_for, wait_until, window_start,
 };
 use sensors::record::{Lane, RecordBody, Severity};
 
 /// Longest wait for records that are due.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A broker, a receiver and the agent's directory for one test.
-struct Rig {
-    broker: Mosquitto,
-    receiver: Receiver,
-    config: AgentConfig,
-    dir: tempfile::TempDir,
-}
-
-impl Rig {
-    fn new(agent_id: &str) -> Rig {
-        let dir = tempfile::Builder::new().prefix("edgewise-e2e-").tempdir().unwrap();
-        let broker = Mosquitto::start();
-        let receiver = Receiver::start();
-        let config = AgentConfig::new(
-            agent_id,
-            dir.path().join("agent/data"),
-            broker.port(),
-            &receiver.url(),
-        );
-        Rig { broker, receiver, config, dir }
-    }
-
-    /// Keeps the test's directory (agent config, data and logs) when `EDGEWISE_E2E_KEEP` is
-    /// set, for a look after a passing run; failing runs print the logs anyway.
-    fn keep_if_asked(self) {
-        if std::env::var_os("EDGEWISE_E2E_KEEP").is_some() {
-            let path = self.dir.keep();
-            let _ = std::fs::write(path.join("mosquitto.log"), self.broker.log());
-            eprintln!("kept {}", path.display());
-        }
-    }
-
-    fn agent_dir(&self) -> PathBuf {
-        self.dir.path().join("agent")
-    }
-
-    /// Starts the agent and waits until it has subscribed, so that nothing published
-    /// afterwards can miss its session.
-    fn start_agent(&self) -> Agent {
-        let mut agent = Agent::start(&self.config.toml(), &self.agent_dir());
-        let client_id = self.config.client_id();
-        let ready = wait_until(Duration::from_secs(20), || {
-            self.broker.has_subscriber(&client_id) || !agent.is_running()
-        });
-        agent.assert_running("the agent stopped during start-up");
-        assert!(ready, "{client_id} did not subscribe in 20 s; broker log:\n{}", self.broker.log());
-        agent
-    }
-
-    fn publisher(&self, name: &str) -> Publisher {
-        Publisher::connect(self.broker.port(), name)
-    }
-}
 
 /// Strictly increasing payload timestamps that run `lead_ms` ahead of the wall clock.
 struct Stamps {
@@ -87,23 +32,6 @@ impl Stamps {
         self.last = (now_ms() + self.lead_ms).max(self.last + 1);
         self.last
     }
-}
-
-fn messages(readings: &[Reading]) -> Vec<(String, Vec<u8>)> {
-    readings.iter().map(Reading::message).collect()
-}
-
-/// Asserts the receiver saw a clean stream: no wire-format error, no conflicting copies, no
-/// out-of-order first delivery, no sequence hole that a gap record does not explain.
-#[track_caller]
-fn assert_clean_stream(receiver: &Receiver) {
-    receiver.with(|r| {
-        assert!(r.protocol_errors.is_empty(), "wire-format errors: {:?}", r.protocol_errors);
-        assert!(r.conflicts.is_empty(), "same id, different content: {:?}", r.conflicts);
-        assert!(r.order_violations.is_empty(), "out of order: {:?}", r.order_violations);
-        let holes = r.holes();
-        assert!(holes.is_empty(), "records lost without a gap record: {holes:?}");
-    });
 }
 
 /// Waits until the receiver holds at least `n` distinct summaries.
