@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Memory benchmark (issue 8): the release agent with the simulated source at 1 reading per
+# second per series and 3 rules matching every series, for 100, 1,000 and 10,000 series, then
+# 1,000 series with the upstream down (a growing backlog). Samples VmRSS every second and
+# prints, per case, the peak and the steady RSS (median of the last third of the run).
+#
+#   scripts/rss.sh [SECONDS]        default 90 seconds per case
+#
+# Environment: EDGEWISE_BIN (default target/release/edgewise, built when missing),
+# RSS_CASES (default "100 1000 10000 backlog").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-90}"
+bin="${EDGEWISE_BIN:-target/release/edgewise}"
+if [ ! -x "$bin" ]; then cargo build --release -p edgewise; fi
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+run_case() {
+  local name="$1" series="$2" upstream="$3"
+  local dir="$work/$name"
+  mkdir -p "$dir"
+  cat > "$dir/edgewise.toml" <<EOF
+[agent]
+id = "rss-$name"
+data_dir = "$dir/data"
+status_interval = "0s"
+
+[api]
+listen = "off"
+
+[[sources]]
+kind = "simulated"
+name = "sim"
+devices = $((series / 2))
+metrics = ["temperature", "vibration"]
+interval = "1s"
+faults = true
+
+[[rules]]
+kind = "threshold"
+name = "high"
+series = "pump-*/*"
+above = 80.0
+clear = 75.0
+
+[[rules]]
+kind = "rate_of_change"
+name = "jump"
+series = "pump-*/*"
+max_rate = 10.0
+per = "1s"
+
+[[rules]]
+kind = "missing_data"
+name = "silent"
+series = "pump-*/*"
+timeout = "30s"
+
+$upstream
+EOF
+  "$bin" check --config "$dir/edgewise.toml" >/dev/null
+  "$bin" run --config "$dir/edgewise.toml" >"$dir/log" 2>&1 &
+  local pid=$!
+  local samples=()
+  for _ in $(seq 1 "$secs"); do
+    sleep 1
+    local rss
+    rss="$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)"
+    [ -n "$rss" ] && samples+=("$rss")
+  done
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  local n=${#samples[@]}
+  local peak steady
+  peak="$(printf '%s\n' "${samples[@]}" | sort -n | tail -1)"
+  steady="$(printf '%s\n' "${samples[@]:$((n * 2 / 3))}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')"
+  local disk
+  disk="$(du -sk "$dir/data" | cut -f1)"
+  printf '%-8s series=%-6s peak_rss_kb=%-7s steady_rss_kb=%-7s data_dir_kb=%s\n' \
+    "$name" "$series" "$peak" "$steady" "$disk"
+}
+
+file_upstream() { printf '[upstream]\nkind = "file"\npath = "%s"\n' "$work/$1.jsonl"; }
+down_upstream='[upstream]
+kind = "http"
+url = "http://127.0.0.1:9/unreachable"'
+
+for case in ${RSS_CASES:-100 1000 10000 backlog}; do
+  case "$case" in
+    backlog) run_case backlog 1000 "$down_upstream" ;;
+    *) run_case "s$case" "$case" "$(file_upstream "s$case")" ;;
+  esac
+done
