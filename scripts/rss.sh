@@ -2,7 +2,8 @@
 # Memory benchmark (issue 8): the release agent with the simulated source at 1 reading per
 # second per series and 3 rules matching every series, for 100, 1,000 and 10,000 series, then
 # 1,000 series with the upstream down (a growing backlog). Samples VmRSS every second and
-# prints, per case, the peak and the steady RSS (median of the last third of the run).
+# prints, per case, the peak and the steady RSS (median of the last third of the run) and the
+# bytes the agent wrote to disk per event (/proc/PID/io write_bytes over the run).
 #
 #   scripts/rss.sh [SECONDS]        default 90 seconds per case
 #
@@ -63,11 +64,16 @@ EOF
   "$bin" run --config "$dir/edgewise.toml" >"$dir/log" 2>&1 &
   local pid=$!
   local samples=()
+  sleep 0.2
+  local written0
+  written0="$(awk '/^write_bytes:/ { print $2 }' "/proc/$pid/io" 2>/dev/null || echo 0)"
+  local written=0
   for _ in $(seq 1 "$secs"); do
     sleep 1
     local rss
     rss="$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)"
     [ -n "$rss" ] && samples+=("$rss")
+    written="$(awk '/^write_bytes:/ { print $2 }' "/proc/$pid/io" 2>/dev/null || echo "$written")"
   done
   kill -TERM "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
@@ -77,8 +83,9 @@ EOF
   steady="$(printf '%s\n' "${samples[@]:$((n * 2 / 3))}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')"
   local disk
   disk="$(du -sk "$dir/data" | cut -f1)"
-  printf '%-8s series=%-6s peak_rss_kb=%-7s steady_rss_kb=%-7s data_dir_kb=%s\n' \
-    "$name" "$series" "$peak" "$steady" "$disk"
+  local per_event=$(( (written - written0) / (series * secs) ))
+  printf '%-8s series=%-6s peak_rss_kb=%-7s steady_rss_kb=%-7s data_dir_kb=%-7s written_bytes_per_event=%s\n' \
+    "$name" "$series" "$peak" "$steady" "$disk" "$per_event"
 }
 
 file_upstream() { printf '[upstream]\nkind = "file"\npath = "%s"\n' "$work/$1.jsonl"; }
