@@ -4,25 +4,42 @@
 //! subscriber (a minimal rumqttc client that only counts) on the same broker: the ceiling.
 //!
 //! Reports, per QoS: sustained rate (events/s until the agent journaled the last event),
-//! CPU time per event, fsyncs (journal commits), peak and final RSS, and whether the summary
-//! counts upstream add up to what was published.
+//! CPU time per event, fsyncs (journal commits), peak and final RSS, whether the summary
+//! counts upstream add up to what was published, and the **alert latency** under that load:
+//! while the load runs, a second publisher sends [`PROBES`] probe readings (one every
+//! [`PROBE_EVERY`], each on its own series, above the `hot-spike` threshold, which raises at
+//! once) and a watcher polls the receiver every millisecond; a probe's latency is from just
+//! before its publish to the first time its alert is seen upstream (publish, broker, journal
+//! commit, rules, outbox, HTTP batch). p50 / p99 / max are printed.
 //!
 //! ```sh
 //! scripts/load.sh            # builds release binaries, runs this 3 times per QoS
 //! ```
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use sensors::record::AlertState;
+
 use edgewise_tests::{Agent, Mosquitto, Publisher, QoS, Receiver, wait_until};
+
+/// Probe readings sent during the load for the alert latency.
+const PROBES: usize = 100;
+/// Time between two probes.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
 
 struct Args {
     messages: usize,
     series: usize,
     qos: u8,
+    /// Events per second; 0: as fast as the broker takes them.
+    rate: u64,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { messages: 100_000, series: 100, qos: 1 };
+    let mut args = Args { messages: 100_000, series: 100, qos: 1, rate: 0 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -30,7 +47,10 @@ fn parse_args() -> Args {
             "--messages" => args.messages = value().parse().expect("--messages N"),
             "--series" => args.series = value().parse().expect("--series N"),
             "--qos" => args.qos = value().parse().expect("--qos 0|1"),
-            other => panic!("unknown argument {other}; use --messages N --series N --qos 0|1"),
+            "--rate" => args.rate = value().parse().expect("--rate EVENTS_PER_S"),
+            other => {
+                panic!("unknown argument {other}; use --messages N --series N --qos 0|1 --rate N")
+            }
         }
     }
     args
@@ -42,6 +62,27 @@ fn messages(args: &Args) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
         let value = 20.0 + (i % 97) as f64 * 0.5;
         (format!("load/dev-{series}/temperature"), format!("{{\"value\":{value}}}").into_bytes())
     })
+}
+
+/// Publishes the load: as fast as possible, or at `args.rate` in slices of 10 ms. Returns
+/// how many were published.
+fn publish_load(publisher: &Publisher, args: &Args) -> usize {
+    if args.rate == 0 {
+        return publisher.publish_all(qos_of(args.qos), messages(args));
+    }
+    let per_slice = (args.rate as usize / 100).max(1);
+    let start = Instant::now();
+    let mut all = messages(args).peekable();
+    let mut published = 0;
+    let mut slice = 0u32;
+    while all.peek().is_some() {
+        let chunk: Vec<_> = all.by_ref().take(per_slice).collect();
+        published += publisher.publish_all(qos_of(args.qos), chunk);
+        slice += 1;
+        let due = start + Duration::from_millis(10) * slice;
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+    published
 }
 
 fn qos_of(n: u8) -> QoS {
@@ -148,10 +189,83 @@ fn run_agent(args: &Args) {
     let pid = agent.pid().expect("agent pid");
     broker.wait_subscribed("edgewise-load-mqtt", Duration::from_secs(30));
     let publisher = Publisher::connect(broker.port(), "load-publisher");
+    let prober = Publisher::connect(broker.port(), "load-prober");
+    let sent_at: Mutex<BTreeMap<String, Instant>> = Mutex::new(BTreeMap::new());
+    let seen_at: Mutex<BTreeMap<String, Instant>> = Mutex::new(BTreeMap::new());
+    let load_done = AtomicBool::new(false);
     let cpu_before = cpu_seconds(pid);
     let start = Instant::now();
-    let published = publisher.publish_all(qos_of(args.qos), messages(args));
-    let publish_done = start.elapsed();
+    let (published, publish_done) = std::thread::scope(|scope| {
+        // Probes: each on its own series, so that each raises exactly one alert.
+        scope.spawn(|| {
+            for i in 0..PROBES {
+                if load_done.load(Ordering::SeqCst) {
+                    break;
+                }
+                let series = format!("dev-1probe{i}/temperature");
+                let topic = format!("load/{series}");
+                sent_at.lock().unwrap().insert(series, Instant::now());
+                prober.publish_all(qos_of(args.qos), [(topic, b"{\"value\":99}".to_vec())]);
+                std::thread::sleep(PROBE_EVERY);
+            }
+        });
+        // The watcher: the first sighting of each probe's alert upstream.
+        scope.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let mut done_since: Option<Instant> = None;
+            while Instant::now() < deadline {
+                let now = Instant::now();
+                let raised: Vec<String> = receiver.with(|r| {
+                    r.alerts()
+                        .into_iter()
+                        .filter(|a| {
+                            a.state == AlertState::Raised && a.series.starts_with("dev-1probe")
+                        })
+                        .map(|a| a.series.clone())
+                        .collect()
+                });
+                let mut seen = seen_at.lock().unwrap();
+                for series in raised {
+                    seen.entry(series).or_insert(now);
+                }
+                if load_done.load(Ordering::SeqCst) {
+                    done_since.get_or_insert(now);
+                }
+                // All seen, or 30 s after the load without the rest.
+                if seen.len() == sent_at.lock().unwrap().len() && load_done.load(Ordering::SeqCst)
+                    || done_since.is_some_and(|at| at.elapsed() > Duration::from_secs(30))
+                {
+                    break;
+                }
+                drop(seen);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let published = publish_load(&publisher, args);
+        let publish_done = start.elapsed();
+        load_done.store(true, Ordering::SeqCst);
+        (published, publish_done)
+    });
+    let latencies = {
+        let sent = sent_at.lock().unwrap();
+        let seen = seen_at.lock().unwrap();
+        let mut ms: Vec<f64> = seen
+            .iter()
+            .filter_map(|(series, at)| {
+                Some(at.duration_since(*sent.get(series)?).as_secs_f64() * 1e3)
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        ms
+    };
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let probes = sent_at.lock().unwrap().len();
+    let published = published + probes;
     let mut peak_rss = 0;
     let journaled = wait_until(Duration::from_secs(600), || {
         peak_rss = peak_rss.max(status_kb(pid, "VmRSS:"));
@@ -166,7 +280,8 @@ fn run_agent(args: &Args) {
     let counted = receiver.with(|r| r.summary_count_total());
     println!(
         "agent qos={} messages={} series={} publish_s={:.2} rate_eps={:.0} cpu_us_per_event={:.2} \
-         commits={} commits_per_s={:.0} peak_rss_mb={:.1} hwm_rss_mb={:.1} summaries_counted={} complete={}",
+         commits={} commits_per_s={:.0} peak_rss_mb={:.1} hwm_rss_mb={:.1} summaries_counted={} complete={} \
+         alert_latency_ms_p50={:.1} p99={:.1} max={:.1} probes_seen={}/{}",
         args.qos,
         published,
         args.series,
@@ -179,6 +294,11 @@ fn run_agent(args: &Args) {
         status_kb(pid, "VmHWM:") as f64 / 1024.0,
         counted,
         journaled && complete && counted == published as u64,
+        pct(0.50),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(f64::NAN),
+        latencies.len(),
+        probes,
     );
 }
 
@@ -218,7 +338,7 @@ fn run_bare(args: &Args) {
     let publisher = Publisher::connect(broker.port(), "load-publisher");
     let cpu_before = cpu_seconds(std::process::id());
     let start = Instant::now();
-    let published = publisher.publish_all(qos_of(args.qos), messages(args));
+    let published = publish_load(&publisher, args);
     let done = wait_until(Duration::from_secs(600), || {
         count.load(std::sync::atomic::Ordering::Relaxed) >= published as u64
     });
