@@ -11,53 +11,81 @@
 //!   writer hands it after each commit. An entry written but lost in a power cut before its
 //!   flush was therefore never processed, so reusing its sequence number after restart is
 //!   harmless: no output was derived from it.
-//! - **Sequence numbers are dense and increasing**, starting at 1. After a restart they
-//!   continue after the last stored key, or after the snapshot position if the journal was
-//!   trimmed empty (so a replay `read_after(position)` never skips a new entry).
+//! - **Sequence numbers are dense and increasing**, starting at 1, also across chunks: a
+//!   chunk keyed `first` holding `n` entries holds exactly `first..first + n`, and the next
+//!   chunk starts at `first + n` (but see Recovery for a corrupt last chunk). After a restart they continue after the last stored entry
+//!   (the last chunk's last seq), or after the snapshot position if the journal was trimmed
+//!   empty (so a replay `read_after(position)` never skips a new entry).
+//! - **Sealed before flushed.** [`Journal::append`] only buffers an entry in memory;
+//!   [`Journal::seal`] writes the buffer to sled as one chunk. A flush makes durable only what
+//!   was sealed before it, so the writer seals right before each commit's flush. Unsealed
+//!   entries are invisible to readers and vanish when the [`Journal`] is dropped, like
+//!   unflushed ones in a power cut (they were neither acknowledged nor processed, so no
+//!   snapshot position covers them and their seqs may be given again).
 //! - **One appender.** [`run_writer`] owns the [`Journal`] (`append` takes `&mut self`);
 //!   readers ([`JournalReader`]) are shared and only read and trim behind the snapshot.
-//! - **Bounded.** [`JournalReader::trim`] removes a prefix of entries that the last snapshot
-//!   covers, once they are older than `max_age` or while the journal is over `max_bytes`.
-//!   Entries after the snapshot are never removed: they are the replay input.
+//! - **Bounded.** [`JournalReader::trim`] removes a prefix of whole chunks that the last
+//!   snapshot covers (their last seq <= the position), once their newest entry is older than
+//!   `max_age` or while the journal is over `max_bytes`. A chunk holding an entry after the
+//!   snapshot is never removed: it is replay input. A chunk's encoded entries are bounded by
+//!   [`CHUNK_MAX_BYTES`] (a larger buffer is split into several chunks), and so is the
+//!   in-memory buffer.
 //! - **Redeliveries are dropped, not re-journaled.** The `dedup` tree remembers, per MQTT
 //!   `(source, pkid)`, the hash of the last journaled message. A DUP message with the same
 //!   hash is a redelivery of an already journaled message (its PUBACK was lost in a crash):
 //!   it is acknowledged again but not appended. The key space is bounded (2^16 packet ids
-//!   per source, 12 bytes per key), so the tree needs no trimming.
+//!   per source, 12 bytes per key), so the tree needs no trimming. The writer keeps the
+//!   dedup keys of a commit in memory and writes them after sealing the commit's entries:
+//!   sled recovers a prefix of its log, so a dedup key is never durable without the entry it
+//!   vouches for (which would drop the broker's redelivery of a lost event).
 //!
 //! # Layout
 //!
 //! ```text
-//! tree "journal"   key:   u64 BE seq (1, 2, 3, ...)      big-endian: byte order = numeric order
+//! tree "journal"   key:   u64 BE seq of the chunk's FIRST entry   big-endian: byte order =
+//!                                                                 numeric order
+//!                  value: [version u8 = 2][postcard(Vec<event::Entry>)]
+//!                         entries first, first + 1, ..., first + n - 1 (n >= 1)
 //!                  value: [version u8 = 1][postcard(event::Entry)]
+//!                         (older builds: one entry, key = its seq; read as a chunk of one,
+//!                         no longer written)
 //! tree "dedup"     key:   [source u16 BE][pkid u16 BE]
 //!                  value: u64 BE hash of topic + payload
 //! ```
 //!
-//! The journal's size (keys + values) is counted in memory, computed by one scan at open:
-//! sled's `len()` is itself a full scan.
+//! One key per group commit instead of one per entry: sled's memory and disk use grow with
+//! the number of keys. The chunk that holds seq `s` is the last one keyed `<= s`.
+//!
+//! The journal's size (keys + values of the chunks in sled) is counted in memory, computed by
+//! one scan at open: sled's `len()` is itself a full scan. Buffered entries are not counted
+//! until sealed.
 //!
 //! # Lifecycle
 //!
-//! 1. **write**: sources send [`Ingest`]s; the writer appends them (sled `insert`, in memory
-//!    and OS buffers only) together with periodic [`Entry::Tick`]s.
-//! 2. **commit**: at most every `commit_interval` the writer flushes the whole store once
-//!    (group commit: under load thousands of entries share one fsync; an idle agent
+//! 1. **write**: sources send [`Ingest`]s; the writer appends them together with periodic
+//!    [`Entry::Tick`]s into the journal's in-memory buffer (a buffer that would pass
+//!    [`CHUNK_MAX_BYTES`] is written out as a chunk first).
+//! 2. **commit**: at most every `commit_interval` the writer seals the buffer (one chunk,
+//!    sled `insert`), writes the commit's dedup keys, flushes the whole store once (group
+//!    commit: under load thousands of entries share one key and one fsync; an idle agent
 //!    commits at once), then sends the acks in receive order.
 //! 3. **read**: the committed `(seq, Entry)` list goes to the processor over a bounded
 //!    channel; awaiting that send is the backpressure from processor to sources. On restart
-//!    the processor replays [`JournalReader::read_after`] its snapshot position instead.
-//! 4. **delete**: after a snapshot, [`JournalReader::trim`] drops the covered prefix that is
-//!    older than `max_age` or over `max_bytes`.
+//!    the processor replays [`JournalReader::read_after`] its snapshot position instead
+//!    (from the chunk holding `position + 1`, skipping its entries up to the position).
+//! 4. **delete**: after a snapshot, [`JournalReader::trim`] drops the covered prefix of
+//!    chunks that is older than `max_age` or over `max_bytes`.
 //!
 //! # Recovery
 //!
-//! On start nothing needs repair: unflushed entries either survived (process crash: they
+//! On start nothing needs repair: unflushed chunks either survived (process crash: they
 //! were in the OS page cache) or vanished (power cut) together with their dedup keys, and
-//! neither was acknowledged nor processed. A value that no longer decodes is an `Err` item of
-//! `read_after`; the processor logs and skips it.
+//! neither was acknowledged nor processed. A value that no longer decodes is one `Err` item
+//! of `read_after` (its entries are lost, reading goes on with the next chunk); the
+//! processor logs and skips it. If the last chunk does not decode, `open` continues after
+//! its key (or the snapshot position, if higher).
 
-use std::ops::Bound;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -70,12 +98,22 @@ use crate::event::{self, Ack, Entry, Ingest, Redelivery};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, TREE_DEDUP, TREE_JOURNAL};
 
-/// Version byte that leads every journal value; bump it when the envelope or `Entry`
-/// changes incompatibly.
-const ENTRY_VERSION: u8 = 1;
+/// Version byte of a chunk value (`[2][postcard(Vec<Entry>)]`); bump it when the envelope or
+/// `Entry` changes incompatibly.
+const CHUNK_VERSION: u8 = 2;
 
-/// Removals per `apply_batch` while trimming: large enough to amortise sled's per-batch cost,
-/// small enough that one batch does not hold megabytes of keys in memory.
+/// Version byte of a one-entry value (`[1][postcard(Entry)]`, key = its seq) written by
+/// builds before chunks. Still read, as a chunk of one; never written.
+const ENTRY_VERSION_V1: u8 = 1;
+
+/// Bound of a chunk's encoded entries (its value is this plus a few bytes of header): an
+/// append that would pass it writes the buffer out as a chunk first. Only a single entry
+/// larger than this makes a larger chunk (of one). Keeps chunk values and the appender's
+/// buffer small while one chunk still holds thousands of typical entries.
+pub const CHUNK_MAX_BYTES: usize = 64 * 1024;
+
+/// Chunk removals per `apply_batch` while trimming: large enough to amortise sled's
+/// per-batch cost, small enough that one batch does not hold megabytes of keys in memory.
 const TRIM_BATCH: usize = 1024;
 
 /// First delay before retrying a failed flush; doubles up to [`FLUSH_RETRY_MAX`]. Short,
@@ -119,10 +157,11 @@ pub enum JournalError {
         #[source]
         source: postcard::Error,
     },
-    /// A stored entry does not decode; readers skip it.
-    #[error("journal: entry {seq} is corrupt: {reason}")]
+    /// A stored chunk (or old one-entry value) does not decode; readers skip it.
+    #[error("journal: chunk at entry {seq} is corrupt: {reason}")]
     Corrupt {
-        /// Its sequence number (0 when the key itself is malformed).
+        /// The sequence number of its first entry, its key (0 when the key itself is
+        /// malformed).
         seq: u64,
         /// What is wrong with it.
         reason: String,
@@ -179,6 +218,16 @@ pub struct Journal {
     tree: sled::Tree,
     last_seq: u64,
     bytes: Arc<AtomicU64>,
+    /// The postcard encodings of the unsealed entries, back to back: seqs
+    /// `last_seq - buffered + 1 ..= last_seq`. At most [`CHUNK_MAX_BYTES`] unless it holds a
+    /// single larger entry.
+    buffer: Vec<u8>,
+    /// How many entries `buffer` holds.
+    buffered: usize,
+    /// Chunks closed by [`CHUNK_MAX_BYTES`] since the last seal, not yet written:
+    /// `(first seq, value)`. They are written with the rest at the next seal, so that one
+    /// commit's chunks and dedup keys reach sled together.
+    closed: Vec<(u64, Vec<u8>)>,
 }
 
 impl Journal {
@@ -190,8 +239,16 @@ impl Journal {
             let (key, value) = item.map_err(JournalError::sled("scan at open"))?;
             bytes += (key.len() + value.len()) as u64;
         }
-        let last_key = match tree.last().map_err(JournalError::sled("read last entry"))? {
-            Some((key, _)) => decode_key(&key)?,
+        let last_entry = match tree.last().map_err(JournalError::sled("read last chunk"))? {
+            Some((key, value)) => match decode_chunk(&key, &value) {
+                Ok(chunk) => chunk.last(),
+                Err(error) => {
+                    // Its length is unknown: continue after its first entry (the snapshot
+                    // position below covers whatever of it was processed).
+                    tracing::warn!(%error, "the last journal chunk is corrupt");
+                    decode_key(&key)?
+                }
+            },
             None => 0,
         };
         // A journal trimmed empty must not restart at 1 below the snapshot position: the
@@ -203,24 +260,108 @@ impl Journal {
                 0
             }
         };
-        let last_seq = last_key.max(snapshot_position);
+        let last_seq = last_entry.max(snapshot_position);
         tracing::debug!(last_seq, bytes, "journal opened");
-        Ok(Journal { tree, last_seq, bytes: Arc::new(AtomicU64::new(bytes)) })
+        Ok(Journal {
+            tree,
+            last_seq,
+            bytes: Arc::new(AtomicU64::new(bytes)),
+            buffer: Vec::new(),
+            buffered: 0,
+            closed: Vec::new(),
+        })
     }
 
-    /// Appends `entry` (sled insert) and returns its sequence number. NOT durable until
-    /// [`Store::flush`].
+    /// Appends `entry` to the in-memory buffer and returns its sequence number. Invisible to
+    /// readers until [`Journal::seal`], NOT durable until the [`Store::flush`] after that.
+    /// If the buffer would pass [`CHUNK_MAX_BYTES`], it is first written out as a chunk
+    /// (sled insert, as `seal` does).
     pub fn append(&mut self, entry: &Entry) -> Result<u64, JournalError> {
         let seq = self.last_seq + 1;
-        let value = encode_entry(seq, entry)?;
-        let size = (8 + value.len()) as u64;
-        self.tree.insert(seq.to_be_bytes(), value).map_err(JournalError::sled("append"))?;
-        self.bytes.fetch_add(size, Ordering::Relaxed);
+        let encoded =
+            postcard::to_allocvec(entry).map_err(|source| JournalError::Encode { seq, source })?;
+        if self.buffered > 0 && self.buffer.len() + encoded.len() > CHUNK_MAX_BYTES {
+            let chunk = self.close_chunk()?;
+            self.closed.push(chunk);
+        }
+        self.buffer.extend_from_slice(&encoded);
+        self.buffered += 1;
         self.last_seq = seq;
         Ok(seq)
     }
 
-    /// The last appended sequence number; 0 when nothing was ever appended.
+    /// Writes the buffered entries as one chunk (sled insert, keyed by the first one's seq;
+    /// nothing when the buffer is empty). NOT durable until [`Store::flush`]: call it before
+    /// every flush that should make the appended entries durable.
+    pub fn seal(&mut self) -> Result<(), JournalError> {
+        self.seal_with(None, &[])
+    }
+
+    /// [`Journal::seal`], writing `dedup_keys` (`(key, hash)`) to the `dedup` tree in the
+    /// same sled transaction as the chunks: after a crash either both are in the store or
+    /// neither, so a dedup key never outlives its event (a redelivery would be dropped) and
+    /// an event never outlives its dedup key (its redelivery would be journaled twice).
+    pub fn seal_with(
+        &mut self,
+        dedup: Option<&sled::Tree>,
+        dedup_keys: &[([u8; 4], u64)],
+    ) -> Result<(), JournalError> {
+        if self.buffered > 0 {
+            let chunk = self.close_chunk()?;
+            self.closed.push(chunk);
+        }
+        if self.closed.is_empty() && dedup_keys.is_empty() {
+            return Ok(());
+        }
+        let chunks = std::mem::take(&mut self.closed);
+        let size: u64 = chunks.iter().map(|(_, value)| (8 + value.len()) as u64).sum();
+        match dedup {
+            Some(dedup) if !dedup_keys.is_empty() => {
+                use sled::Transactional;
+                (&self.tree, dedup)
+                    .transaction(|(journal, dedup)| {
+                        for (first, value) in &chunks {
+                            journal.insert(&first.to_be_bytes(), value.as_slice())?;
+                        }
+                        for (key, hash) in dedup_keys {
+                            dedup.insert(key, &hash.to_be_bytes())?;
+                        }
+                        Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(|error| match error {
+                        sled::transaction::TransactionError::Storage(source) => {
+                            JournalError::Sled { context: "seal chunk with dedup keys", source }
+                        }
+                        sled::transaction::TransactionError::Abort(()) => {
+                            unreachable!("the transaction never aborts")
+                        }
+                    })?;
+            }
+            _ => {
+                let mut batch = sled::Batch::default();
+                for (first, value) in chunks {
+                    batch.insert(&first.to_be_bytes(), value);
+                }
+                self.tree.apply_batch(batch).map_err(JournalError::sled("seal chunk"))?;
+            }
+        }
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Turns the buffer into a chunk value; empties the buffer.
+    fn close_chunk(&mut self) -> Result<(u64, Vec<u8>), JournalError> {
+        let first = self.last_seq + 1 - self.buffered as u64;
+        // postcard encodes a Vec as its varint length followed by the elements.
+        let mut value = postcard::to_extend(&(self.buffered as u64), vec![CHUNK_VERSION])
+            .map_err(|source| JournalError::Encode { seq: first, source })?;
+        value.extend_from_slice(&self.buffer);
+        self.buffer.clear();
+        self.buffered = 0;
+        Ok((first, value))
+    }
+
+    /// The last appended sequence number (sealed or not); 0 when nothing was ever appended.
     pub fn last_seq(&self) -> u64 {
         self.last_seq
     }
@@ -238,7 +379,7 @@ pub struct History {
     pub series: String,
     /// `[ts_ms, value]`, oldest first (journal order: a late event stays where it arrived).
     pub points: Vec<(i64, f64)>,
-    /// Journal entries looked at.
+    /// Journal entries looked at (a corrupt chunk counts as one).
     pub scanned: usize,
     /// Whether older entries were left unscanned (a limit was reached).
     pub truncated: bool,
@@ -252,24 +393,34 @@ pub struct JournalReader {
 }
 
 impl JournalReader {
-    /// Entries with seq > `after`, in order. A corrupt value is an `Err` item (the caller
-    /// logs and skips it); iteration goes on after it.
+    /// Entries with seq > `after`, in order: from the chunk that holds `after + 1` (the last
+    /// one keyed `<= after + 1`), skipping its entries up to `after`, then every later chunk.
+    /// A chunk that does not decode is one `Err` item (the caller logs and skips it);
+    /// iteration goes on with the next chunk. Sealed entries only.
     pub fn read_after(
         &self,
         after: u64,
     ) -> impl Iterator<Item = Result<(u64, Entry), JournalError>> + '_ {
-        let range: (Bound<[u8; 8]>, Bound<[u8; 8]>) =
-            (Bound::Excluded(after.to_be_bytes()), Bound::Unbounded);
-        self.tree.range(range).map(|item| {
-            let (key, value) = item.map_err(JournalError::sled("read"))?;
-            let seq = decode_key(&key)?;
-            Ok((seq, decode_entry(seq, &value)?))
-        })
+        let (chunks, error) = match after.checked_add(1) {
+            // Nothing follows u64::MAX.
+            None => (None, None),
+            Some(next) => match self.tree.range(..=next.to_be_bytes()).next_back() {
+                Some(Ok((key, _))) => (Some(self.tree.range(key..)), None),
+                None => (Some(self.tree.iter()), None),
+                Some(Err(source)) => {
+                    (None, Some(JournalError::Sled { context: "find the first chunk", source }))
+                }
+            },
+        };
+        error
+            .into_iter()
+            .map(Err)
+            .chain(chunks.into_iter().flatten().flat_map(move |item| entries_after(item, after)))
     }
 
     /// The last values of `series` still in the journal, oldest first: scans back from the
     /// newest entry over at most `max_scan` entries and keeps at most `max_points` values
-    /// (the newest). Corrupt entries are skipped. Bounded work for the API's history view;
+    /// (the newest). Corrupt chunks are skipped. Bounded work for the API's history view;
     /// `truncated` tells that the scan stopped before the journal's start.
     pub fn history(
         &self,
@@ -280,33 +431,44 @@ impl JournalReader {
         let mut points = Vec::new();
         let mut scanned = 0;
         let mut truncated = false;
-        for item in self.tree.iter().rev() {
+        'chunks: for item in self.tree.iter().rev() {
             if scanned == max_scan || points.len() == max_points {
                 truncated = true;
                 break;
             }
-            scanned += 1;
             let (key, value) = item.map_err(JournalError::sled("read history"))?;
-            if let Ok(Entry::Event(event)) =
-                decode_key(&key).and_then(|seq| decode_entry(seq, &value))
-                && event.series == series
-            {
-                points.push((event.ts_ms, event.value));
+            let Ok(chunk) = decode_chunk(&key, &value) else {
+                scanned += 1;
+                continue;
+            };
+            for entry in chunk.entries.into_iter().rev() {
+                if scanned == max_scan || points.len() == max_points {
+                    truncated = true;
+                    break 'chunks;
+                }
+                scanned += 1;
+                if let Entry::Event(event) = entry
+                    && event.series == series
+                {
+                    points.push((event.ts_ms, event.value));
+                }
             }
         }
         points.reverse();
         Ok(History { series: series.to_string(), points, scanned, truncated })
     }
 
-    /// Removes entries with seq <= `snapshot_position`, oldest first, while they are older
-    /// than `cfg.max_age` (by `Event.received_ms` / `Tick.now_ms` against `now_ms`) or the
-    /// journal is over `cfg.max_bytes`. Stops at the first entry that is neither, so the
-    /// journal stays one contiguous range. Entries after the snapshot are never removed.
-    /// Returns how many were removed.
+    /// Removes whole chunks whose last seq is <= `snapshot_position`, oldest first, while
+    /// their newest entry is older than `cfg.max_age` (by `Event.received_ms` /
+    /// `Tick.now_ms` against `now_ms`) or the journal is over `cfg.max_bytes`. Stops at the
+    /// first chunk that is neither, or that holds an entry after the snapshot, so the journal
+    /// stays one contiguous range and the replay input stays. Returns how many entries were
+    /// removed.
     ///
     /// The receive time, not the event time, ages an entry: event times come from devices
-    /// and may be anything. A corrupt entry behind the snapshot is removed (it can never be
-    /// replayed and would otherwise stop trimming for good).
+    /// and may be anything. A corrupt chunk behind the snapshot is removed (it can never be
+    /// replayed and would otherwise stop trimming for good); its length is known from the
+    /// next chunk's key, so a corrupt last chunk stays (it may hold replay input).
     pub fn trim(
         &self,
         snapshot_position: u64,
@@ -320,15 +482,33 @@ impl JournalReader {
         let mut removed = 0u64;
         let mut batch = sled::Batch::default();
         let mut batch_len = 0usize;
+        let mut batch_entries = 0u64;
         let mut batch_bytes = 0u64;
-        for item in self.tree.range(..=snapshot_position.to_be_bytes()) {
+        let mut chunks = self.tree.iter().peekable();
+        while let Some(item) = chunks.next() {
             let (key, value) = item.map_err(JournalError::sled("scan for trim"))?;
             let size = (key.len() + value.len()) as u64;
-            let expired = match decode_key(&key).and_then(|seq| decode_entry(seq, &value)) {
-                Ok(entry) => entry_time_ms(&entry) < cutoff,
+            let (entries, expired) = match decode_chunk(&key, &value) {
+                Ok(chunk) if chunk.last() > snapshot_position => break,
+                Ok(chunk) => {
+                    let newest = chunk.entries.iter().map(entry_time_ms).max();
+                    (chunk.entries.len() as u64, newest.is_none_or(|newest| newest < cutoff))
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "removing a corrupt journal entry behind the snapshot");
-                    true
+                    let next = match chunks.peek() {
+                        Some(Ok((next, _))) => Some(next.as_ref()),
+                        _ => None,
+                    };
+                    match corrupt_chunk_len(&key, &value, next, snapshot_position) {
+                        Some(entries) => {
+                            tracing::warn!(
+                                %error,
+                                "removing a corrupt journal chunk behind the snapshot"
+                            );
+                            (entries, true)
+                        }
+                        None => break,
+                    }
                 }
             };
             if !expired && bytes <= max_bytes {
@@ -337,17 +517,19 @@ impl JournalReader {
             batch.remove(key);
             bytes = bytes.saturating_sub(size);
             batch_len += 1;
+            batch_entries += entries;
             batch_bytes += size;
             if batch_len == TRIM_BATCH {
                 self.apply_trim(std::mem::take(&mut batch), batch_bytes)?;
-                removed += batch_len as u64;
+                removed += batch_entries;
                 batch_len = 0;
+                batch_entries = 0;
                 batch_bytes = 0;
             }
         }
         if batch_len > 0 {
             self.apply_trim(batch, batch_bytes)?;
-            removed += batch_len as u64;
+            removed += batch_entries;
         }
         if removed > 0 {
             tracing::debug!(removed, bytes = self.bytes(), "journal trimmed");
@@ -374,10 +556,11 @@ impl JournalReader {
 ///   same hash is not appended but still acknowledged after this commit
 ///   (`metrics.redeliveries_dropped`); otherwise the event is appended as
 ///   [`Entry::Event`] (`metrics.events_in`) and, for QoS 1 messages, the dedup key is
-///   written so that it becomes durable in the same commit.
+///   kept for this commit (a redelivery later in the same commit sees it too).
 /// - Appends [`Entry::Tick`] every `cfg.tick_interval`, also when idle.
-/// - Commits (one [`Store::flush`] in `spawn_blocking`) at least `cfg.commit_interval` apart;
-///   on success sends the acks in receive order, updates `journal_durable_seq` and
+/// - Commits at least `cfg.commit_interval` apart: seals the appended entries (one chunk),
+///   writes the commit's dedup keys after them, then flushes (one [`Store::flush`] in
+///   `spawn_blocking`); on success sends the acks in receive order, updates `journal_durable_seq` and
 ///   `journal_commits`, and hands the committed entries to `to_processor` (awaited: this is
 ///   the backpressure). A flush error is logged and retried with backoff; nothing is acked
 ///   before a successful flush.
@@ -407,6 +590,9 @@ struct Pending {
     acks: Vec<Ack>,
     /// Ingests and ticks taken in; a commit is due when this is non-zero.
     items: usize,
+    /// Dedup keys of the messages journaled in this commit and their hashes, written after
+    /// the commit's entries are sealed.
+    dedup: BTreeMap<[u8; 4], u64>,
 }
 
 /// [`run_writer`] with the flush injected, so tests can make it fail.
@@ -438,7 +624,7 @@ where
     loop {
         let due = last_commit.map_or_else(Instant::now, |at| at + cfg.commit_interval);
         if pending.items > 0 && (!open || pending.items >= max_items || Instant::now() >= due) {
-            commit(&flush, &journal, &mut pending, &to_processor, &metrics).await?;
+            commit(&flush, &mut journal, &dedup, &mut pending, &to_processor, &metrics).await?;
             last_commit = Some(Instant::now());
             continue;
         }
@@ -478,10 +664,7 @@ fn accept(
     pending.items += 1;
     if let Some(redelivery) = redelivery
         && redelivery.dup
-        && dedup
-            .get(dedup_key(&redelivery))
-            .map_err(JournalError::sled("read dedup"))?
-            .is_some_and(|hash| hash.as_ref() == redelivery.hash.to_be_bytes())
+        && journaled_hash(dedup, &pending.dedup, &redelivery)? == Some(redelivery.hash)
     {
         // Already journaled (maybe in this very commit): ack again after this commit's
         // flush, because the original may not be durable yet.
@@ -496,21 +679,34 @@ fn accept(
         Metrics::add(&metrics.events_in, 1);
     }
     if let Some(redelivery) = redelivery {
-        // Written after the event: sled recovers a prefix of its log, so a dedup key can
-        // never be durable without the entry it vouches for (which would drop the broker's
-        // redelivery of a lost event).
-        dedup
-            .insert(dedup_key(&redelivery), &redelivery.hash.to_be_bytes())
-            .map_err(JournalError::sled("write dedup"))?;
+        // Written at commit, in the seal's transaction: see `Journal::seal_with`.
+        pending.dedup.insert(dedup_key(&redelivery), redelivery.hash);
     }
     pending.acks.extend(ack);
     Ok(())
 }
 
-/// Flushes (retrying until it works), then acks and hands the entries over.
+/// The hash of the message last journaled under `redelivery`'s `(source, pkid)`: from this
+/// commit if it has one, else from the `dedup` tree.
+fn journaled_hash(
+    dedup: &sled::Tree,
+    pending: &BTreeMap<[u8; 4], u64>,
+    redelivery: &Redelivery,
+) -> Result<Option<u64>, JournalError> {
+    let key = dedup_key(redelivery);
+    if let Some(hash) = pending.get(&key) {
+        return Ok(Some(*hash));
+    }
+    let stored = dedup.get(key).map_err(JournalError::sled("read dedup"))?;
+    Ok(stored.and_then(|hash| <[u8; 8]>::try_from(hash.as_ref()).ok()).map(u64::from_be_bytes))
+}
+
+/// Seals the appended entries and writes the dedup keys, flushes (retrying until it works),
+/// then acks and hands the entries over.
 async fn commit<F>(
     flush: &F,
-    journal: &Journal,
+    journal: &mut Journal,
+    dedup: &sled::Tree,
     pending: &mut Pending,
     to_processor: &mpsc::Sender<Vec<(u64, Entry)>>,
     metrics: &Metrics,
@@ -518,6 +714,8 @@ async fn commit<F>(
 where
     F: Fn() -> Result<(), StoreError> + Clone + Send + 'static,
 {
+    let dedup_keys: Vec<([u8; 4], u64)> = std::mem::take(&mut pending.dedup).into_iter().collect();
+    journal.seal_with(Some(dedup), &dedup_keys)?;
     let mut delay = FLUSH_RETRY_MIN;
     let mut attempts = 0;
     loop {
@@ -577,20 +775,85 @@ fn entry_time_ms(entry: &Entry) -> i64 {
     }
 }
 
-fn encode_entry(seq: u64, entry: &Entry) -> Result<Vec<u8>, JournalError> {
-    postcard::to_extend(entry, vec![ENTRY_VERSION])
-        .map_err(|source| JournalError::Encode { seq, source })
+/// One decoded journal value: entries `first ..= last()`, never empty.
+struct Chunk {
+    first: u64,
+    entries: Vec<Entry>,
 }
 
-fn decode_entry(seq: u64, value: &[u8]) -> Result<Entry, JournalError> {
-    match value.split_first() {
-        Some((&ENTRY_VERSION, body)) => postcard::from_bytes(body)
-            .map_err(|e| JournalError::Corrupt { seq, reason: e.to_string() }),
-        Some((version, _)) => {
-            Err(JournalError::Corrupt { seq, reason: format!("unknown version {version}") })
-        }
-        None => Err(JournalError::Corrupt { seq, reason: "empty value".into() }),
+impl Chunk {
+    fn last(&self) -> u64 {
+        self.first + (self.entries.len() as u64 - 1)
     }
+}
+
+/// Decodes a journal value: a chunk (version 2) or an old one-entry value (version 1).
+fn decode_chunk(key: &[u8], value: &[u8]) -> Result<Chunk, JournalError> {
+    let first = decode_key(key)?;
+    let corrupt = |reason: String| JournalError::Corrupt { seq: first, reason };
+    let entries = match value.split_first() {
+        Some((&CHUNK_VERSION, body)) => {
+            postcard::from_bytes::<Vec<Entry>>(body).map_err(|e| corrupt(e.to_string()))?
+        }
+        Some((&ENTRY_VERSION_V1, body)) => {
+            vec![postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))?]
+        }
+        Some((version, _)) => return Err(corrupt(format!("unknown version {version}"))),
+        None => return Err(corrupt("empty value".into())),
+    };
+    if entries.is_empty() {
+        return Err(corrupt("a chunk without entries".into()));
+    }
+    if first.checked_add(entries.len() as u64 - 1).is_none() {
+        return Err(corrupt(format!("{} entries run past the last seq", entries.len())));
+    }
+    Ok(Chunk { first, entries })
+}
+
+/// The entries of one chunk with seq > `after`, in order, or the chunk's error.
+fn entries_after(
+    item: sled::Result<(sled::IVec, sled::IVec)>,
+    after: u64,
+) -> Vec<Result<(u64, Entry), JournalError>> {
+    let (key, value) = match item {
+        Ok(item) => item,
+        Err(source) => return vec![Err(JournalError::Sled { context: "read", source })],
+    };
+    match decode_chunk(&key, &value) {
+        Ok(Chunk { first, entries }) => entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| (first + i as u64, entry))
+            .filter(|(seq, _)| *seq > after)
+            .map(Ok)
+            .collect(),
+        // A corrupt old one-entry value at or before `after` holds nothing after it.
+        Err(_)
+            if value.first() == Some(&ENTRY_VERSION_V1)
+                && decode_key(&key).is_ok_and(|seq| seq <= after) =>
+        {
+            Vec::new()
+        }
+        Err(error) => vec![Err(error)],
+    }
+}
+
+/// How many entries a corrupt chunk held if all of them are provably at or before
+/// `position`: an old one-entry value by its key, a chunk by the key of the `next` one (its
+/// entries end right before it). `None`: it may hold later entries, keep it.
+fn corrupt_chunk_len(key: &[u8], value: &[u8], next: Option<&[u8]>, position: u64) -> Option<u64> {
+    let Ok(first) = decode_key(key) else {
+        // A malformed key (never written by the journal) in the covered range: garbage.
+        return (key <= position.to_be_bytes().as_slice()).then_some(1);
+    };
+    if first > position {
+        return None;
+    }
+    if value.first() == Some(&ENTRY_VERSION_V1) {
+        return Some(1);
+    }
+    let next = decode_key(next?).ok()?;
+    (next > first && next - 1 <= position).then(|| next - first)
 }
 
 fn decode_key(key: &[u8]) -> Result<u64, JournalError> {
@@ -668,6 +931,8 @@ mod tests {
         assert_eq!(journal.append(&Entry::Tick { now_ms: 20 }).unwrap(), 2);
         assert_eq!(journal.append(&Entry::Event(event(3.0, 30))).unwrap(), 3);
         let reader = journal.reader();
+        assert_eq!(reader.read_after(0).count(), 0, "unsealed entries are not visible");
+        journal.seal().unwrap();
         let all: Vec<_> = reader.read_after(0).map(Result::unwrap).collect();
         assert_eq!(
             all,
@@ -692,6 +957,10 @@ mod tests {
             let other = Event { series: "pump-2/temp".into(), ..event(-1.0, 1_000 + i) };
             journal.append(&Entry::Event(other)).unwrap();
             journal.append(&Entry::Tick { now_ms: 1_000 + i }).unwrap();
+            // Chunks of 3, 6, 9, ... entries: the scan crosses chunk boundaries.
+            if i % 2 == 1 {
+                journal.seal().unwrap();
+            }
         }
         let reader = journal.reader();
         let all = reader.history("pump-1/temp", 1_000, 100).unwrap();
@@ -716,6 +985,8 @@ mod tests {
         for i in 0..5 {
             journal.append(&Entry::Event(event(f64::from(i), 10))).unwrap();
         }
+        assert_eq!(journal.reader().bytes(), 0, "buffered entries are not counted");
+        journal.seal().unwrap();
         let bytes = journal.reader().bytes();
         assert!(bytes > 0);
         store.flush().unwrap();
@@ -736,6 +1007,7 @@ mod tests {
         for _ in 0..3 {
             journal.append(&Entry::Tick { now_ms: 0 }).unwrap();
         }
+        journal.seal().unwrap();
         store.save_snapshot(3, b"state").unwrap();
         let cfg = JournalConfig::default();
         assert_eq!(journal.reader().trim(3, &cfg, i64::MAX).unwrap(), 3);
@@ -755,14 +1027,37 @@ mod tests {
         let store = open_store(&tmp);
         let mut journal = Journal::open(&store).unwrap();
         journal.append(&Entry::Tick { now_ms: 1 }).unwrap();
-        journal.append(&Entry::Tick { now_ms: 2 }).unwrap();
-        journal.append(&Entry::Tick { now_ms: 3 }).unwrap();
+        journal.seal().unwrap();
+        // A chunk of 2..=3, then one of 4..=5.
+        for now_ms in 2..=5 {
+            journal.append(&Entry::Tick { now_ms }).unwrap();
+            if now_ms % 2 == 1 {
+                journal.seal().unwrap();
+            }
+        }
         let tree = store.db().open_tree(TREE_JOURNAL).unwrap();
         tree.insert(2u64.to_be_bytes(), &[9u8, 9, 9]).unwrap();
-        let items: Vec<_> = journal.reader().read_after(0).collect();
-        assert_eq!(items.len(), 3);
+        let reader = journal.reader();
+        let items: Vec<_> = reader.read_after(0).collect();
+        assert_eq!(items.len(), 4, "{items:?}");
         assert!(matches!(items[1], Err(JournalError::Corrupt { seq: 2, .. })), "{:?}", items[1]);
-        assert_eq!(items[2].as_ref().unwrap(), &(3, Entry::Tick { now_ms: 3 }));
+        assert_eq!(items[2].as_ref().unwrap(), &(4, Entry::Tick { now_ms: 4 }));
+        // From inside the corrupt chunk: its error, then the next chunk.
+        let items: Vec<_> = reader.read_after(2).collect();
+        assert!(matches!(items[0], Err(JournalError::Corrupt { seq: 2, .. })), "{:?}", items[0]);
+        assert_eq!(items.len(), 3);
+        let history = reader.history("pump-1/temp", 100, 100).unwrap();
+        assert_eq!(history.scanned, 4, "2 ticks, the corrupt chunk, 1 tick");
+        // Behind the snapshot, its length is known from the next chunk's key: it goes.
+        let cfg = JournalConfig { max_age: Duration::ZERO, ..JournalConfig::default() };
+        assert_eq!(reader.trim(2, &cfg, i64::MAX).unwrap(), 1, "chunk 2..=3 holds 3");
+        assert_eq!(reader.trim(3, &cfg, i64::MAX).unwrap(), 2);
+        assert_eq!(reader.read_after(0).next().unwrap().unwrap().0, 4);
+        // A corrupt last chunk may hold replay input: it stays, and open continues after its
+        // key.
+        tree.insert(4u64.to_be_bytes(), &[2u8, 9, 9]).unwrap();
+        assert_eq!(reader.trim(10, &cfg, i64::MAX).unwrap(), 0);
+        assert_eq!(Journal::open(&store).unwrap().last_seq(), 4);
     }
 
     #[test]
@@ -773,6 +1068,7 @@ mod tests {
         // Entries received at 1 s, 2 s, ... 10 s.
         for i in 1..=10 {
             journal.append(&Entry::Event(event(f64::from(i), i64::from(i) * 1_000))).unwrap();
+            journal.seal().unwrap();
         }
         let reader = journal.reader();
         let before = reader.bytes();
@@ -797,6 +1093,7 @@ mod tests {
         let mut journal = Journal::open(&store).unwrap();
         for i in 1..=10 {
             journal.append(&Entry::Event(event(f64::from(i), 1_000))).unwrap();
+            journal.seal().unwrap();
         }
         let reader = journal.reader();
         let entry_size = reader.bytes() / 10;
@@ -838,7 +1135,8 @@ mod tests {
                 return Err(StoreError::Corrupt { what: "test", reason: "injected".into() });
             }
             let tree = self.store.db().open_tree(TREE_JOURNAL).unwrap();
-            let last = tree.last().unwrap().map_or(0, |(k, _)| decode_key(&k).unwrap());
+            let last =
+                tree.last().unwrap().map_or(0, |(k, v)| decode_chunk(&k, &v).unwrap().last());
             self.store.flush()?;
             self.durable_seq.store(last, Ordering::SeqCst);
             Ok(())
@@ -997,6 +1295,7 @@ mod tests {
         let (to_processor, mut processor) = mpsc::channel(16);
         let (ack_tx, mut acks) = mpsc::unbounded_channel();
         let cfg = JournalConfig { commit_interval: Duration::from_secs(3600), ..writer_cfg() };
+        let tree = store.db().open_tree(TREE_JOURNAL).unwrap();
         let writer =
             tokio::spawn(run_writer(journal, store, cfg, rx, to_processor, Arc::clone(&metrics)));
         // The first commit happens at once (nothing was committed before) ...
@@ -1013,6 +1312,7 @@ mod tests {
         }
         assert_eq!(values(&handed), vec![1.0, 2.0]);
         assert_eq!(metrics.journal_commits.load(Ordering::Relaxed), 2);
+        assert_eq!(tree.len(), 2, "one chunk per commit");
     }
 
     #[tokio::test]
@@ -1038,5 +1338,229 @@ mod tests {
         assert_eq!(&ticks[..2], &[1, 2]);
         drop(tx);
         within("writer exit", writer).await.unwrap().unwrap();
+    }
+
+    /// Writes `entry` under `seq` as builds before chunks did: `[1][postcard(Entry)]`.
+    fn write_v1(store: &Store, seq: u64, entry: &Entry) {
+        let tree = store.db().open_tree(TREE_JOURNAL).unwrap();
+        let value = postcard::to_extend(entry, vec![ENTRY_VERSION_V1]).unwrap();
+        tree.insert(seq.to_be_bytes(), value).unwrap();
+    }
+
+    fn seqs(reader: &JournalReader, after: u64) -> Vec<u64> {
+        reader.read_after(after).map(|r| r.unwrap().0).collect()
+    }
+
+    #[test]
+    fn a_chunk_is_the_postcard_encoding_of_its_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let mut journal = Journal::open(&store).unwrap();
+        let entries: Vec<Entry> =
+            (0..300).map(|i| Entry::Event(event(f64::from(i), i64::from(i)))).collect();
+        for entry in &entries {
+            journal.append(entry).unwrap();
+        }
+        journal.seal().unwrap();
+        let tree = store.db().open_tree(TREE_JOURNAL).unwrap();
+        let (key, value) = tree.first().unwrap().unwrap();
+        assert_eq!(tree.len(), 1);
+        assert_eq!(key.as_ref(), 1u64.to_be_bytes());
+        // 300 entries: a two-byte varint length.
+        let expected = postcard::to_extend(&entries, vec![CHUNK_VERSION]).unwrap();
+        assert_eq!(value.as_ref(), expected.as_slice());
+        assert_eq!(journal.reader().bytes(), (8 + expected.len()) as u64);
+    }
+
+    #[test]
+    fn read_after_starts_inside_a_chunk_or_at_its_boundaries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let mut journal = Journal::open(&store).unwrap();
+        // Chunks 1..=3, 4..=6, 7..=7, 8..=10.
+        for seq in 1..=10u64 {
+            journal.append(&Entry::Tick { now_ms: seq as i64 }).unwrap();
+            if [3, 6, 7].contains(&seq) {
+                journal.seal().unwrap();
+            }
+        }
+        journal.seal().unwrap();
+        let reader = journal.reader();
+        assert_eq!(store.db().open_tree(TREE_JOURNAL).unwrap().len(), 4);
+        for after in 0..=11 {
+            assert_eq!(seqs(&reader, after), (after + 1..=10).collect::<Vec<_>>(), "after {after}");
+        }
+        assert_eq!(reader.read_after(u64::MAX).count(), 0);
+        let all: Vec<_> = reader.read_after(5).map(Result::unwrap).collect();
+        assert_eq!(all[0], (6, Entry::Tick { now_ms: 6 }), "seq and entry stay paired");
+        // After a trim the first chunk starts later; reading before it starts there.
+        let cfg = JournalConfig { max_age: Duration::ZERO, ..JournalConfig::default() };
+        assert_eq!(reader.trim(3, &cfg, i64::MAX).unwrap(), 3);
+        assert_eq!(seqs(&reader, 0), (4..=10).collect::<Vec<_>>());
+        assert_eq!(seqs(&reader, 2), (4..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn trim_never_removes_the_chunk_that_holds_the_entry_after_the_snapshot() {
+        let by_age = JournalConfig { max_age: Duration::from_secs(1), ..JournalConfig::default() };
+        let by_bytes = JournalConfig {
+            max_bytes: ByteSize(0),
+            max_age: Duration::from_secs(3600),
+            ..JournalConfig::default()
+        };
+        for cfg in [&by_age, &by_bytes] {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = open_store(&tmp);
+            let mut journal = Journal::open(&store).unwrap();
+            // Chunks 1..=3, 4..=6, 7..=9, all long expired.
+            for seq in 1..=9u64 {
+                journal.append(&Entry::Event(event(seq as f64, 1_000))).unwrap();
+                if seq % 3 == 0 {
+                    journal.seal().unwrap();
+                }
+            }
+            let reader = journal.reader();
+            // Snapshot at 4 or 5: chunk 4..=6 holds 5 or 6, the replay input.
+            assert_eq!(reader.trim(4, cfg, 1_000_000).unwrap(), 3);
+            assert_eq!(reader.trim(5, cfg, 1_000_000).unwrap(), 0);
+            assert_eq!(seqs(&reader, 4), vec![5, 6, 7, 8, 9]);
+            assert_eq!(seqs(&reader, 5), vec![6, 7, 8, 9]);
+            assert_eq!(reader.trim(6, cfg, 1_000_000).unwrap(), 3);
+            assert_eq!(seqs(&reader, 0), vec![7, 8, 9]);
+            assert_eq!(reader.trim(8, cfg, 1_000_000).unwrap(), 0);
+            assert_eq!(seqs(&reader, 8), vec![9]);
+            assert_eq!(reader.trim(9, cfg, 1_000_000).unwrap(), 3);
+            assert_eq!(reader.bytes(), 0);
+        }
+        // By age, a chunk goes only when its newest entry is old, wherever that entry is.
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let mut journal = Journal::open(&store).unwrap();
+        journal.append(&Entry::Event(event(1.0, 1_000))).unwrap();
+        journal.append(&Entry::Tick { now_ms: 999_500 }).unwrap();
+        journal.append(&Entry::Event(event(3.0, 1_000))).unwrap();
+        journal.seal().unwrap();
+        assert_eq!(journal.reader().trim(3, &by_age, 1_000_000).unwrap(), 0);
+        assert_eq!(journal.reader().trim(3, &by_age, 1_000_501).unwrap(), 3);
+    }
+
+    #[test]
+    fn old_one_entry_values_are_read_as_chunks_of_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        // An older build journaled 1..=3, one key each.
+        for seq in 1..=3u64 {
+            write_v1(&store, seq, &Entry::Event(event(seq as f64, 1_000)));
+        }
+        let mut journal = Journal::open(&store).unwrap();
+        assert_eq!(journal.last_seq(), 3, "open continues after the last old entry");
+        // This build appends chunks 4..=5 and 6.
+        assert_eq!(journal.append(&Entry::Event(event(4.0, 2_000))).unwrap(), 4);
+        journal.append(&Entry::Tick { now_ms: 2_000 }).unwrap();
+        journal.seal().unwrap();
+        journal.append(&Entry::Event(event(6.0, 9_000))).unwrap();
+        journal.seal().unwrap();
+        let reader = journal.reader();
+        for after in 0..=6 {
+            assert_eq!(seqs(&reader, after), (after + 1..=6).collect::<Vec<_>>(), "after {after}");
+        }
+        let all: Vec<_> = reader.read_after(0).map(Result::unwrap).collect();
+        assert_eq!(all[1], (2, Entry::Event(event(2.0, 1_000))));
+        let history = reader.history("pump-1/temp", 100, 100).unwrap();
+        assert_eq!(
+            history.points.iter().map(|p| p.1).collect::<Vec<_>>(),
+            [1.0, 2.0, 3.0, 4.0, 6.0]
+        );
+        assert_eq!((history.scanned, history.truncated), (6, false));
+        let newest = reader.history("pump-1/temp", 4, 100).unwrap();
+        assert_eq!(newest.points.iter().map(|p| p.1).collect::<Vec<_>>(), [3.0, 4.0, 6.0]);
+        assert_eq!((newest.scanned, newest.truncated), (4, true));
+        drop(journal);
+        assert_eq!(Journal::open(&store).unwrap().last_seq(), 6);
+        // Trim: the old entries one by one, then whole chunks, never past the snapshot.
+        let cfg = JournalConfig { max_age: Duration::from_secs(5), ..JournalConfig::default() };
+        assert_eq!(reader.trim(2, &cfg, 10_000).unwrap(), 2);
+        assert_eq!(reader.trim(4, &cfg, 10_000).unwrap(), 1, "chunk 4..=5 holds 5");
+        assert_eq!(reader.trim(6, &cfg, 10_000).unwrap(), 2, "6 is fresh");
+        assert_eq!(seqs(&reader, 0), vec![6]);
+        assert_eq!(Journal::open(&store).unwrap().reader().bytes(), reader.bytes());
+        // Only old values, the last one corrupt: open still continues after it.
+        write_v1(&store, 7, &Entry::Tick { now_ms: 1 });
+        store.db().open_tree(TREE_JOURNAL).unwrap().insert(8u64.to_be_bytes(), &[1u8]).unwrap();
+        assert_eq!(Journal::open(&store).unwrap().last_seq(), 8);
+        let items: Vec<_> = reader.read_after(7).collect();
+        assert!(matches!(items[..], [Err(JournalError::Corrupt { seq: 8, .. })]), "{items:?}");
+        assert_eq!(reader.read_after(8).count(), 0, "a corrupt old value before the start");
+    }
+
+    #[test]
+    fn a_large_seal_is_split_into_bounded_chunks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let mut journal = Journal::open(&store).unwrap();
+        let entry = |i: u64| {
+            let series = format!("site-{}/pump-{i}/temperature", "x".repeat(40));
+            Entry::Event(Event { series, ..event(i as f64, i as i64) })
+        };
+        let mut encoded = 0;
+        let mut n = 0;
+        while encoded < 4 * CHUNK_MAX_BYTES {
+            n += 1;
+            encoded += postcard::to_allocvec(&entry(n)).unwrap().len();
+            assert_eq!(journal.append(&entry(n)).unwrap(), n);
+        }
+        journal.seal().unwrap();
+        let tree = store.db().open_tree(TREE_JOURNAL).unwrap();
+        let chunks = tree.len();
+        assert!((4..=6).contains(&chunks), "{chunks} chunks for {encoded} bytes");
+        for item in tree.iter() {
+            let (_, value) = item.unwrap();
+            assert!(value.len() <= CHUNK_MAX_BYTES + 8, "a chunk of {} bytes", value.len());
+        }
+        let reader = journal.reader();
+        assert_eq!(seqs(&reader, 0), (1..=n).collect::<Vec<_>>());
+        assert_eq!(reader.read_after(n - 1).next().unwrap().unwrap(), (n, entry(n)));
+        let bytes: u64 =
+            tree.iter().map(|i| i.unwrap()).map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        assert_eq!(reader.bytes(), bytes);
+        drop(journal);
+        assert_eq!(Journal::open(&store).unwrap().last_seq(), n);
+        // A single entry over the bound is a chunk of its own.
+        let mut journal = Journal::open(&store).unwrap();
+        journal.append(&Entry::Tick { now_ms: 1 }).unwrap();
+        let huge = Entry::Event(Event { series: "y".repeat(CHUNK_MAX_BYTES), ..event(1.0, 1) });
+        assert_eq!(journal.append(&huge).unwrap(), n + 2);
+        journal.seal().unwrap();
+        assert_eq!(tree.len(), chunks + 2);
+        assert_eq!(seqs(&journal.reader(), n), vec![n + 1, n + 2]);
+    }
+
+    #[test]
+    fn dedup_keys_are_written_in_the_same_transaction_as_their_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let mut journal = Journal::open(&store).unwrap();
+        let dedup = store.db().open_tree(TREE_DEDUP).unwrap();
+        let tree = store.db().open_tree(TREE_JOURNAL).unwrap();
+        let metrics = Metrics::default();
+        let mut pending = Pending::default();
+        let (ack_tx, _acks) = mpsc::unbounded_channel();
+        let redelivery = |dup| Some(Redelivery { source: 1, pkid: 7, hash: 5, dup });
+        let first = ingest(1.0, &ack_tx, 7, redelivery(false));
+        accept(&mut journal, &dedup, first, &mut pending, &metrics).unwrap();
+        assert!(tree.is_empty() && dedup.is_empty(), "nothing in sled before the commit");
+        // A redelivery before the commit is recognised from the pending keys.
+        let again = ingest(1.0, &ack_tx, 7, redelivery(true));
+        accept(&mut journal, &dedup, again, &mut pending, &metrics).unwrap();
+        assert_eq!(metrics.redeliveries_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(pending.entries.len(), 1);
+        // At commit: the chunk and the dedup keys in one transaction.
+        let keys: Vec<([u8; 4], u64)> = std::mem::take(&mut pending.dedup).into_iter().collect();
+        journal.seal_with(Some(&dedup), &keys).unwrap();
+        assert_eq!(tree.len(), 1);
+        assert_eq!(dedup.get([0, 1, 0, 7]).unwrap().unwrap().as_ref(), 5u64.to_be_bytes());
+        let (key, value) = tree.first().unwrap().unwrap();
+        let chunk = decode_chunk(&key, &value).unwrap();
+        assert_eq!(chunk.entries.len(), 1, "the redelivery was not journaled");
     }
 }

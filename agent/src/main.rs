@@ -467,7 +467,7 @@ fn export(args: &ExportArgs) -> ExitCode {
                 args.out.display()
             );
             if report.corrupt > 0 {
-                eprintln!("skipped {} journal entries that do not decode", report.corrupt);
+                eprintln!("skipped {} journal chunks that do not decode", report.corrupt);
             }
             ExitCode::SUCCESS
         }

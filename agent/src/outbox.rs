@@ -426,12 +426,8 @@ fn span(body: &RecordBody) -> Option<(i64, i64)> {
 /// Gap reason of a store that sled rolled back to an older state (see [`crate::sentmark`]).
 pub const GAP_REASON_ROLLED_BACK: &str = "store_rolled_back";
 
-/// The lane's `next_seq` (`next`) is below what upstream acknowledged (`resume`): sled
-/// rolled the store back. Upstream holds seqs `next..resume` under other contents, so the
-/// lane continues after them, and a gap record at `resume` says so: those seqs are skipped,
-/// and what the store held after the state it went back to (unsent records, journal
-/// entries) is lost, in unknown amounts (`records` and `events` are 0, `to_ms` is when).
-fn report_rollback(
+/// Writes the gap record of a rollback at `resume` (see [`Outbox::report_rollback`]).
+fn write_rollback_gap(
     tree: &sled::Tree,
     state: &mut State,
     lane: Lane,
@@ -516,15 +512,6 @@ impl Outbox {
             lane_state.next_seq = lane_state.next_seq.max(stored);
         }
         let sent_mark = MarkFile::open(store.dir(), store.epoch());
-        for lane in Lane::ALL {
-            let resume = sent_mark.mark().next(lane);
-            let next = state.lane(lane).next_seq;
-            if resume > next {
-                let id = gap_id(agent_id, store.epoch(), lane, resume);
-                report_rollback(&tree, &mut state, lane, next, resume, id)?;
-                Metrics::add(&metrics.store_rollbacks, 1);
-            }
-        }
         let mut dead_letter_records = 0;
         for item in dead.iter().keys() {
             item.map_err(OutboxError::sled("scan dead letters"))?;
@@ -565,6 +552,41 @@ impl Outbox {
         // A panic while holding the lock cannot leave the tree half-written (each change is
         // one apply_batch), so the state is still usable.
         self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What upstream acknowledged, as far as the sent mark knows (see [`crate::sentmark`]).
+    pub fn sent_mark(&self) -> crate::sentmark::SentMark {
+        self.inner.sent_mark.lock().unwrap_or_else(|p| p.into_inner()).mark()
+    }
+
+    /// The processor, after its replay, numbers `lane` from `first_unused`, below what
+    /// upstream acknowledged (`acked_next` = the sent mark): sled rolled the store back
+    /// (journal, snapshot and outbox together), so the replay could not regenerate the
+    /// records upstream holds, and new records would reuse their ids (upstream would drop
+    /// them as duplicates). The lane continues after them: a gap record (reason
+    /// [`GAP_REASON_ROLLED_BACK`], seqs `first_unused..acked_next` skipped, `records` and
+    /// `events` 0 because what the store held after the state it went back to is unknown,
+    /// `to_ms` when) takes the first seq that upstream has never seen. Counts
+    /// `store_rollbacks`. Returns the gap's seq: the processor continues after it.
+    ///
+    /// A power cut before a flush is not a rollback: the journal entries behind every record
+    /// upstream got were durable (the processor only sees committed entries), so the replay
+    /// regenerates those records with their seqs and the processor reaches the mark.
+    pub fn report_rollback(
+        &self,
+        lane: Lane,
+        first_unused: u64,
+        acked_next: u64,
+    ) -> Result<u64, OutboxError> {
+        let mut state = self.lock();
+        let at = acked_next.max(state.lane(lane).next_seq);
+        let id = gap_id(&self.inner.agent, self.inner.epoch, lane, at);
+        write_rollback_gap(&self.inner.tree, &mut state, lane, first_unused, at, id)?;
+        Metrics::add(&self.inner.metrics.store_rollbacks, 1);
+        self.publish(&state);
+        drop(state);
+        self.inner.notify.notify_waiters();
+        Ok(at)
     }
 
     /// The next seq the lane expects; 0 for a new lane.
@@ -1305,7 +1327,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lane_behind_what_upstream_acknowledged_continues_after_it_with_a_gap() {
+    fn a_rollback_continues_the_lane_after_what_upstream_acknowledged_with_a_gap() {
         let tmp = tempfile::tempdir().unwrap();
         let (store, outbox, _) = open(&tmp, BIG);
         for seq in 0..5 {
@@ -1313,21 +1335,22 @@ mod tests {
         }
         // An acknowledgement past the last record does not raise the mark past it.
         outbox.remove_through(Lane::Summaries, 99).unwrap();
-        let mark = crate::sentmark::MarkFile::open(store.dir(), store.epoch()).mark();
-        assert_eq!(mark.next(Lane::Summaries), 5);
+        assert_eq!(outbox.sent_mark().next(Lane::Summaries), 5);
         drop((outbox, store));
-        // A plain reopen: nothing to report.
-        let (store, outbox, metrics) = open(&tmp, BIG);
-        assert_eq!(outbox.next_seq(Lane::Summaries), 5);
-        assert!(all(&outbox, Lane::Summaries).is_empty());
-        assert_eq!(crate::metrics::get(&metrics.store_rollbacks), 0);
         // Upstream acknowledged through seq 9 before the store went back to seq 5 (what sled
-        // does with a damaged log), as far as the mark knows.
+        // does with a damaged log), as far as the mark knows. Opening changes nothing: the
+        // processor decides after its replay.
+        let (store, outbox, metrics) = open(&tmp, BIG);
         let mut file = crate::sentmark::MarkFile::open(store.dir(), store.epoch());
         file.acknowledged(Lane::Summaries, 9).unwrap();
         drop((outbox, store));
-        let (store, outbox, metrics) = open(&tmp, BIG);
-        assert_eq!(crate::metrics::get(&metrics.store_rollbacks), 1);
+        let (store, outbox, metrics_after) = open(&tmp, BIG);
+        drop(metrics);
+        assert_eq!(outbox.next_seq(Lane::Summaries), 5);
+        assert_eq!(outbox.sent_mark().next(Lane::Summaries), 10);
+        assert_eq!(crate::metrics::get(&metrics_after.store_rollbacks), 0);
+        assert_eq!(outbox.report_rollback(Lane::Summaries, 5, 10).unwrap(), 10);
+        assert_eq!(crate::metrics::get(&metrics_after.store_rollbacks), 1);
         assert_eq!(outbox.next_seq(Lane::Summaries), 11, "continues after the gap");
         assert_eq!(outbox.next_seq(Lane::Alerts), 0, "the other lane is untouched");
         let lane = all(&outbox, Lane::Summaries);

@@ -641,9 +641,21 @@ pub async fn run(
         replayed,
         "processor replayed the journal"
     );
-    // Replay regenerates every record the outbox holds, so the outbox is ahead only when it
-    // continued past a rollback of the store (see `crate::sentmark`): number new records
-    // after it, or the outbox would ignore them.
+    // Replay regenerates every record the journal's durable entries produced, upstream's
+    // included: a processor behind what upstream acknowledged means sled rolled the whole
+    // store back (see `crate::sentmark`). The outbox then continues after the acknowledged
+    // seqs with a gap record, and the processor after the outbox.
+    let acked = outbox.sent_mark();
+    for lane in Lane::ALL {
+        let first_unused = processor.last_seq(lane) + 1;
+        let acked_next = acked.next(lane);
+        if first_unused < acked_next {
+            outbox
+                .report_rollback(lane, first_unused, acked_next)
+                .map_err(|source| ProcessorError::Outbox { lane, seq: acked_next, source })?;
+        }
+    }
+    // Number new records after what the outbox holds, or it would ignore them.
     for lane in Lane::ALL {
         let outbox_last = outbox.next_seq(lane).saturating_sub(1);
         if processor.last_seq(lane) < outbox_last {
@@ -1268,6 +1280,7 @@ mod tests {
                 let seq = storage.journal.append(&entry).unwrap();
                 processor.apply(seq, &entry, &metrics, &mut out);
             }
+            storage.journal.seal().unwrap();
             let changed = super::super::changed_rules(&old, &new);
             assert_eq!(changed, vec!["heating-fast".to_string()], "only the new rule warms up");
             if warm {
@@ -1360,6 +1373,7 @@ mod tests {
             for entry in &all[..20] {
                 first.journal.append(entry).unwrap();
             }
+            first.journal.seal().unwrap();
             first.store.flush().unwrap();
             run_once(&config, &first, Vec::new()).await;
             assert_eq!(first.store.load_snapshot().unwrap().map(|s| s.0), Some(20));
@@ -1370,6 +1384,7 @@ mod tests {
             for entry in &all[20..] {
                 live.push((second.journal.append(entry).unwrap(), entry.clone()));
             }
+            second.journal.seal().unwrap();
             second.store.flush().unwrap();
             // The channel skips 21..=23 (read from the journal) and repeats itself.
             run_once(&config, &second, vec![live[3..].to_vec(), live.clone()]).await;
@@ -1389,6 +1404,7 @@ mod tests {
             for entry in &entries(30) {
                 storage.journal.append(entry).unwrap();
             }
+            storage.journal.seal().unwrap();
             run_once(&config, &storage, Vec::new()).await;
             let before = records(&storage.outbox);
             // A crash before the snapshot: the next run replays everything again.
@@ -1405,6 +1421,7 @@ mod tests {
             for entry in &entries(30) {
                 storage.journal.append(entry).unwrap();
             }
+            storage.journal.seal().unwrap();
             run_once(&config, &storage, Vec::new()).await;
             let before = records(&storage.outbox);
             let last_alert = before.iter().filter(|r| r.0 == Lane::Alerts).map(|r| r.1).max();
@@ -1434,6 +1451,7 @@ mod tests {
             for entry in &entries(10) {
                 batch.push((storage.journal.append(entry).unwrap(), entry.clone()));
             }
+            storage.journal.seal().unwrap();
             storage.store.flush().unwrap();
             let (tx, rx) = mpsc::channel(1);
             let metrics = Arc::new(Metrics::default());

@@ -742,7 +742,8 @@ pub struct ExportReport {
     pub journal_events: u64,
     /// Ticks in the journal (never written).
     pub journal_ticks: u64,
-    /// Entries that did not decode (logged and skipped).
+    /// Journal chunks (or old one-entry values) that did not decode (logged and skipped);
+    /// one chunk may have held many entries.
     pub corrupt: u64,
     /// Earliest and latest event time written (ms).
     pub span_ms: Option<(i64, i64)>,

@@ -8,9 +8,13 @@
 //! `agent/tests/corrupt_store.rs`). The journal, the snapshot and the outbox then all go back
 //! to that time, with the same epoch, and the outbox would number new records with seqs
 //! upstream already holds under other contents: upstream de-duplicates by id and would drop
-//! them, silently. This file is what sled's rollback cannot touch: at open, a lane whose
-//! `next_seq` is not above the mark has rolled back, and the outbox continues after the mark
-//! and reports the rollback in a gap record (see [`crate::outbox`]).
+//! them, silently. This file is what sled's rollback cannot touch: after its replay, a
+//! processor whose lane counter is below the mark has lost journal entries behind records
+//! upstream holds, so the outbox continues after the mark and reports the rollback in a gap
+//! record ([`crate::outbox::Outbox::report_rollback`]). A power cut before a flush is not a
+//! rollback: the records sent before it came from durable journal entries, and the replay
+//! regenerates them with the same seqs (comparing the outbox itself with the mark would take
+//! that for a rollback, and upstream would count those records twice).
 //!
 //! # Format and writes
 //!

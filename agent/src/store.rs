@@ -8,7 +8,8 @@
 //! meta         b"epoch"                     u64 BE: random store epoch, written + flushed at creation
 //!              b"lost_store"                i64 BE ms + UTF-8 path: the store this one replaced
 //!                                           was quarantined there; cleared once reported
-//! journal      u64 BE seq (1, 2, ...)       version u8 (1) + postcard(event::Entry)   [journal]
+//! journal      u64 BE first seq of a chunk  version u8 (2) + postcard(Vec<event::Entry>): one
+//!                                           chunk per group commit (v1: one entry) [journal]
 //! snapshot     b"state"                     version u8 (1) + u64 BE journal position + state bytes
 //! outbox       [lane u8][u64 BE seq]        version u8 (1) + postcard(record::Record) [outbox]
 //!              [0xFF][b'n'][lane u8]        u64 BE next_seq of the lane

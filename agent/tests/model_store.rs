@@ -2,8 +2,9 @@
 //! run against real sled stores in temp dirs and against a small in-memory model written
 //! from the modules' documentation, compared after every step.
 //!
-//! - `the_journal_matches_its_model`: append, flush, read, snapshot, trim, clean restart and
-//!   crash restart against a `BTreeMap<seq, Entry>`.
+//! - `the_journal_matches_its_model`: append, seal, flush (seal + flush), read, snapshot,
+//!   trim, clean restart and crash restart against a map of chunks (first seq -> entries)
+//!   and the unsealed buffer.
 //! - `the_outbox_matches_its_model`: put (fresh and stale seqs, bursts over the byte cap),
 //!   peek, ack, dead-letter, expire, flush, clean restart (also with a lowered cap) and crash
 //!   restart against a map per lane, under three buffer configurations (cap only; cap and
@@ -24,7 +25,8 @@
 //!   both trees, as its docs say). Such a state is matched to the model by what no batch
 //!   splits (high-water marks, dead letters, events) and then held to every invariant.
 //!
-//! A clean restart (every handle dropped: sled flushes on the last drop) keeps everything.
+//! A clean restart (every handle dropped: sled flushes on the last drop) keeps everything
+//! but the journal's unsealed buffer (which the `journal` docs say is lost on drop).
 //!
 //! Observation uses the public API (`read_after`, `last_seq`, `peek`, `stats`, `next_seq`)
 //! and, to see the outbox without handing records out (which `peek` does), the `outbox`
@@ -45,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use edgewise::config::{BufferConfig, ByteSize, JournalConfig, Percent};
 use edgewise::event::{self, Entry, Event};
-use edgewise::journal::{Journal, JournalReader};
+use edgewise::journal::{CHUNK_MAX_BYTES, Journal, JournalReader};
 use edgewise::metrics::Metrics;
 use edgewise::outbox::{
     GAP_REASON_EXPIRED, GAP_REASON_OUTBOX_FULL, Outbox, OutboxStats, TTL_CLOCK_FLOOR_MS,
@@ -63,8 +65,8 @@ const CACHE: u64 = 1024 * 1024;
 /// Version byte of outbox values (see the `outbox` module docs).
 const OUTBOX_VALUE_VERSION: u8 = 2;
 
-/// Version byte of journal values (see the `journal` module docs).
-const JOURNAL_VALUE_VERSION: u8 = 1;
+/// Version byte of journal chunk values (see the `journal` module docs).
+const JOURNAL_VALUE_VERSION: u8 = 2;
 
 /// Cases of each property: `EDGEWISE_MODEL_CASES` or `default`.
 fn cases(default: u32) -> u32 {
@@ -149,24 +151,21 @@ impl Dirs {
 
 #[derive(Debug, Clone)]
 enum JournalOp {
+    /// `append`: buffered, invisible until sealed.
     Append(Entry),
+    /// `seal`: the buffer becomes one chunk (not yet durable).
+    Seal,
+    /// `seal`, then `Store::flush`, as the writer commits.
     Flush,
     /// `read_after(last_seq + 1 - back)`, saturating.
-    ReadAfter {
-        back: u8,
-    },
-    /// `save_snapshot` at a position between the current snapshot and `last_seq`.
-    Snapshot {
-        permille: u16,
-    },
+    ReadAfter { back: u8 },
+    /// `save_snapshot` at a position between the current snapshot and the last sealed seq.
+    Snapshot { permille: u16 },
     /// `trim` behind the snapshot with `max_age`, a byte cap of `bytes_percent` of the
     /// journal's current bytes, at `now_ms`.
-    Trim {
-        max_age_ms: u32,
-        bytes_percent: u8,
-        now_ms: i64,
-    },
-    /// Drop every handle (sled flushes on the last drop) and reopen the same directory.
+    Trim { max_age_ms: u32, bytes_percent: u8, now_ms: i64 },
+    /// Drop every handle (sled flushes on the last drop, the unsealed buffer is lost) and
+    /// reopen the same directory.
     Restart,
     /// Copy the directory while the store is open, drop it, open the copy.
     CrashRestart,
@@ -191,9 +190,11 @@ fn entry() -> impl Strategy<Value = Entry> {
 
 fn journal_op() -> impl Strategy<Value = JournalOp> {
     prop_oneof![
-        8 => entry().prop_map(JournalOp::Append),
+        10 => entry().prop_map(JournalOp::Append),
+        2 => Just(JournalOp::Seal),
         2 => Just(JournalOp::Flush),
-        2 => (0u8..4).prop_map(|back| JournalOp::ReadAfter { back }),
+        // Near the end often; farther back starts inside or at the edge of older chunks.
+        2 => prop_oneof![0u8..4, 0u8..40].prop_map(|back| JournalOp::ReadAfter { back }),
         // At the last seq often: a journal trimmed empty must continue after the snapshot.
         2 => prop_oneof![Just(1000u16), 0u16..=1000]
             .prop_map(|permille| JournalOp::Snapshot { permille }),
@@ -210,52 +211,107 @@ fn journal_op() -> impl Strategy<Value = JournalOp> {
 /// What the journal should hold: written from the `journal` module docs.
 #[derive(Debug, Clone, PartialEq)]
 struct JournalModel {
+    /// Sealed chunks by the seq of their first entry.
+    chunks: BTreeMap<u64, Vec<Entry>>,
+    /// Appended, not sealed: seqs `last_seq - buffer.len() + 1 ..= last_seq`.
+    buffer: Vec<Entry>,
+    last_seq: u64,
+    snapshot: Option<u64>,
+}
+
+/// What the public API shows of the journal: sealed entries only.
+#[derive(Debug, Clone, PartialEq)]
+struct JournalView {
     entries: BTreeMap<u64, Entry>,
     last_seq: u64,
     snapshot: Option<u64>,
 }
 
 impl JournalModel {
-    fn bytes(&self) -> u64 {
-        self.entries.values().map(journal_entry_size).sum()
+    fn entries(&self) -> BTreeMap<u64, Entry> {
+        self.chunks
+            .iter()
+            .flat_map(|(first, entries)| (*first..).zip(entries.iter().cloned()))
+            .collect()
     }
 
-    /// `trim` as documented: entries <= the snapshot position, oldest first, while older
-    /// than the cutoff or while the journal is over its byte cap; stops at the first that is
-    /// neither.
+    fn view(&self) -> JournalView {
+        JournalView { entries: self.entries(), last_seq: self.last_seq, snapshot: self.snapshot }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.chunks.values().map(|entries| chunk_size(entries)).sum()
+    }
+
+    /// `append`: a buffer whose encoded entries would pass `CHUNK_MAX_BYTES` is sealed
+    /// first.
+    fn append(&mut self, entry: &Entry) -> u64 {
+        let encoded = |e: &Entry| postcard::to_allocvec(e).unwrap().len();
+        let buffered: usize = self.buffer.iter().map(encoded).sum();
+        if !self.buffer.is_empty() && buffered + encoded(entry) > CHUNK_MAX_BYTES {
+            self.seal();
+        }
+        self.buffer.push(entry.clone());
+        self.last_seq += 1;
+        self.last_seq
+    }
+
+    fn seal(&mut self) {
+        if !self.buffer.is_empty() {
+            let first = self.last_seq + 1 - self.buffer.len() as u64;
+            self.chunks.insert(first, std::mem::take(&mut self.buffer));
+        }
+    }
+
+    /// `trim` as documented: whole chunks whose last seq is <= the snapshot position, oldest
+    /// first, while their newest entry is older than the cutoff or while the journal is over
+    /// its byte cap; stops at the first that is neither. Returns the entries removed.
     fn trim(&mut self, position: u64, cfg: &JournalConfig, now_ms: i64) -> u64 {
         let max_age_ms = i64::try_from(cfg.max_age.as_millis()).unwrap();
         let cutoff = now_ms.saturating_sub(max_age_ms);
         let mut bytes = self.bytes();
         let mut doomed = Vec::new();
-        for (&seq, entry) in self.entries.range(..=position) {
-            let received = match entry {
-                Entry::Event(event) => event.received_ms,
-                Entry::Tick { now_ms } => *now_ms,
-            };
-            if received >= cutoff && bytes <= cfg.max_bytes.bytes() {
+        for (&first, entries) in &self.chunks {
+            if first + entries.len() as u64 - 1 > position {
                 break;
             }
-            bytes -= journal_entry_size(entry);
-            doomed.push(seq);
+            let newest = entries
+                .iter()
+                .map(|entry| match entry {
+                    Entry::Event(event) => event.received_ms,
+                    Entry::Tick { now_ms } => *now_ms,
+                })
+                .max()
+                .unwrap();
+            if newest >= cutoff && bytes <= cfg.max_bytes.bytes() {
+                break;
+            }
+            bytes -= chunk_size(entries);
+            doomed.push(first);
         }
-        for seq in &doomed {
-            self.entries.remove(seq);
-        }
-        doomed.len() as u64
+        doomed.iter().map(|first| self.chunks.remove(first).unwrap().len() as u64).sum()
+    }
+
+    /// Dropping the journal loses the unsealed buffer.
+    fn drop_buffer(&mut self) {
+        self.buffer.clear();
+        self.last_seq = self.last_seq_at_open();
     }
 
     /// The `last_seq` the journal continues after when opened over this content.
     fn last_seq_at_open(&self) -> u64 {
-        let last_key = self.entries.keys().next_back().copied().unwrap_or(0);
-        last_key.max(self.snapshot.unwrap_or(0))
+        let last = match self.chunks.last_key_value() {
+            Some((first, entries)) => first + entries.len() as u64 - 1,
+            None => 0,
+        };
+        last.max(self.snapshot.unwrap_or(0))
     }
 }
 
-/// Key (u64) + version byte + postcard entry.
-fn journal_entry_size(entry: &Entry) -> u64 {
-    debug_assert_eq!(JOURNAL_VALUE_VERSION, 1, "one version byte");
-    (8 + 1 + postcard::to_allocvec(entry).unwrap().len()) as u64
+/// Key (u64) + version byte + postcard of the chunk's entries.
+fn chunk_size(entries: &[Entry]) -> u64 {
+    debug_assert_eq!(JOURNAL_VALUE_VERSION, 2, "one version byte");
+    (8 + 1 + postcard::to_allocvec(entries).unwrap().len()) as u64
 }
 
 /// The journal under test and its store.
@@ -289,7 +345,7 @@ impl JournalRig {
     }
 
     /// What the journal holds, through its public API.
-    fn observe(&self) -> Result<JournalModel, TestCaseError> {
+    fn observe(&self) -> Result<JournalView, TestCaseError> {
         let mut entries = BTreeMap::new();
         let mut previous = None;
         for item in self.reader.read_after(0) {
@@ -302,7 +358,7 @@ impl JournalRig {
             entries.insert(seq, entry);
         }
         let snapshot = self.store.load_snapshot().unwrap().map(|(position, _)| position);
-        Ok(JournalModel { entries, last_seq: self.journal.last_seq(), snapshot })
+        Ok(JournalView { entries, last_seq: self.journal.last_seq(), snapshot })
     }
 }
 
@@ -310,7 +366,8 @@ impl JournalRig {
 /// disagreement.
 fn run_journal(ops: &[JournalOp]) -> Result<(), TestCaseError> {
     let mut rig = JournalRig::open(Dirs::new());
-    let mut model = JournalModel { entries: BTreeMap::new(), last_seq: 0, snapshot: None };
+    let mut model =
+        JournalModel { chunks: BTreeMap::new(), buffer: Vec::new(), last_seq: 0, snapshot: None };
     // States since the last flush, oldest (the flushed one) first: a crash recovers one.
     let mut since_flush = vec![model.clone()];
     // Every (seq, entry) made durable by a flush: a seq is never reused for other content.
@@ -319,16 +376,20 @@ fn run_journal(ops: &[JournalOp]) -> Result<(), TestCaseError> {
         match op {
             JournalOp::Append(entry) => {
                 let seq = rig.journal.append(entry).unwrap();
-                prop_assert_eq!(seq, model.last_seq + 1, "step {}: seqs are dense", step);
+                prop_assert_eq!(seq, model.append(entry), "step {}: seqs are dense", step);
                 if let Some(old) = durable.get(&seq) {
                     prop_assert_eq!(old, entry, "step {}: durable seq {} reused", step, seq);
                 }
-                model.entries.insert(seq, entry.clone());
-                model.last_seq = seq;
+            }
+            JournalOp::Seal => {
+                rig.journal.seal().unwrap();
+                model.seal();
             }
             JournalOp::Flush => {
+                rig.journal.seal().unwrap();
+                model.seal();
                 rig.store.flush().unwrap();
-                durable.extend(model.entries.iter().map(|(s, e)| (*s, e.clone())));
+                durable.extend(model.entries());
                 since_flush.clear();
             }
             JournalOp::ReadAfter { back } => {
@@ -336,12 +397,15 @@ fn run_journal(ops: &[JournalOp]) -> Result<(), TestCaseError> {
                 let got: Vec<(u64, Entry)> =
                     rig.reader.read_after(after).map(Result::unwrap).collect();
                 let want: Vec<(u64, Entry)> =
-                    model.entries.range(after + 1..).map(|(s, e)| (*s, e.clone())).collect();
+                    model.entries().split_off(&(after + 1)).into_iter().collect();
                 prop_assert_eq!(got, want, "step {}: read_after({})", step, after);
             }
             JournalOp::Snapshot { permille } => {
+                // The processor only sees committed entries: its snapshots never cover an
+                // unsealed one.
+                let sealed = model.last_seq - model.buffer.len() as u64;
                 let floor = model.snapshot.unwrap_or(0);
-                let span = model.last_seq - floor.min(model.last_seq);
+                let span = sealed - floor.min(sealed);
                 let position = floor + span * u64::from(*permille) / 1000;
                 rig.store.save_snapshot(position, b"processor state").unwrap();
                 model.snapshot = Some(position);
@@ -359,23 +423,26 @@ fn run_journal(ops: &[JournalOp]) -> Result<(), TestCaseError> {
             }
             JournalOp::Restart => {
                 rig = rig.restart();
-                prop_assert_eq!(
-                    model.last_seq_at_open(),
-                    model.last_seq,
-                    "step {}: the journal would not continue after its last seq",
-                    step
-                );
+                let sealed = model.buffer.is_empty();
+                model.drop_buffer();
+                if sealed {
+                    prop_assert_eq!(
+                        model.last_seq_at_open(),
+                        model.last_seq,
+                        "step {}: the journal would not continue after its last seq",
+                        step
+                    );
+                }
                 // sled flushes when the last handle is dropped (see `store`).
-                durable.extend(model.entries.iter().map(|(s, e)| (*s, e.clone())));
+                durable.extend(model.entries());
                 since_flush.clear();
             }
             JournalOp::CrashRestart => {
                 let durable_last = durable.keys().next_back().copied().unwrap_or(0);
                 rig = rig.crash_restart();
-                let mut recovered = rig.observe()?;
-                recovered.last_seq = 0;
+                let recovered = rig.observe()?;
                 let found = since_flush.iter().rposition(|state| {
-                    state.entries == recovered.entries && state.snapshot == recovered.snapshot
+                    state.entries() == recovered.entries && state.snapshot == recovered.snapshot
                 });
                 let Some(index) = found else {
                     return Err(TestCaseError::fail(format!(
@@ -387,7 +454,7 @@ fn run_journal(ops: &[JournalOp]) -> Result<(), TestCaseError> {
                     )));
                 };
                 model = since_flush[index].clone();
-                model.last_seq = model.last_seq_at_open();
+                model.drop_buffer();
                 prop_assert!(
                     model.last_seq >= durable_last,
                     "step {}: after a crash the journal continues at {} below durable seq {}",
@@ -400,7 +467,7 @@ fn run_journal(ops: &[JournalOp]) -> Result<(), TestCaseError> {
         }
         // Compare after every step.
         let seen = rig.observe()?;
-        prop_assert_eq!(&seen, &model, "step {}: {:?}", step, op);
+        prop_assert_eq!(&seen, &model.view(), "step {}: {:?}", step, op);
         prop_assert_eq!(rig.reader.bytes(), model.bytes(), "step {}: byte counter", step);
         since_flush.push(model.clone());
     }
@@ -414,11 +481,12 @@ fn run_journal(ops: &[JournalOp]) -> Result<(), TestCaseError> {
 proptest! {
     #![proptest_config(proptest_config(96))]
 
-    /// The journal behaves like a map of dense, increasing seqs to entries, trimmed as a
-    /// prefix behind the snapshot, continuing after its last seq (or the snapshot) at open,
-    /// and losing at most an unflushed suffix in a crash.
+    /// The journal behaves like a map of dense, increasing seqs to entries, stored in chunks
+    /// sealed before each flush, trimmed as a prefix of whole chunks behind the snapshot,
+    /// continuing after its last seq (or the snapshot) at open, and losing at most an
+    /// unflushed suffix in a crash (and the unsealed buffer on any restart).
     #[test]
-    fn the_journal_matches_its_model(ops in proptest::collection::vec(journal_op(), 1..60)) {
+    fn the_journal_matches_its_model(ops in proptest::collection::vec(journal_op(), 1..80)) {
         run_journal(&ops)?;
     }
 }
