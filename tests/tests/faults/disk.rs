@@ -22,14 +22,13 @@
 //! asserts; the `FIGURES` line says which variant ran (`mode=tmpfs` or `mode=outbox_cap`).
 //! `EDGEWISE_DISK_FULL_NO_MOUNT=1` runs that variant where mounting works too.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgewise_tests::api::{self, metric, readiness};
-use edgewise_tests::rig::Rounds;
+use edgewise_tests::rig::{Rounds, account};
 use edgewise_tests::{
     Agent, AgentConfig, Deadline, Mosquitto, Reading, Received, Receiver, compare_alerts,
     expected_summaries, expected_threshold_alerts, free_port, now_ms, wait_for, wait_until,
@@ -246,8 +245,8 @@ fn a_full_disk_stops_the_agent_without_losing_duplicating_or_quarantining_anythi
         let late = late_gaps(r);
         // /metrics counts the last start's late events; an earlier start may have had some.
         assert!(late >= late_counted, "{late} late events in gaps, {late_counted} in /metrics");
-        let (short, duplicated) = short_and_duplicated(r, &expected);
-        (r.duplicates, short.saturating_sub(late), duplicated, late)
+        let accounting = account(&expected, &r.summaries());
+        (r.duplicates, accounting.lost.saturating_sub(late), accounting.duplicated, late)
     });
     eprintln!(
         "disk full: {published} events; ballast {ballast_bytes} B; full for {full_time:?}, \
@@ -311,27 +310,6 @@ fn error_lines(logs: &str) -> Vec<String> {
         }
     }
     last
-}
-
-/// Events counted too few times in summaries and too many times (duplicated), per (series,
-/// 1 s window).
-fn short_and_duplicated(
-    r: &Received,
-    expected: &BTreeMap<(String, i64), edgewise_tests::ExpectedSummary>,
-) -> (u64, u64) {
-    let mut got: BTreeMap<(String, i64), u64> = BTreeMap::new();
-    for s in r.summaries() {
-        *got.entry((s.series.clone(), s.start_ms)).or_default() += s.count;
-    }
-    let (mut lost, mut duplicated) = (0u64, 0u64);
-    for (key, e) in expected {
-        let n = got.get(key).copied().unwrap_or(0);
-        lost += e.count.saturating_sub(n);
-        duplicated += n.saturating_sub(e.count);
-    }
-    let unexpected: u64 =
-        got.iter().filter(|(k, _)| !expected.contains_key(*k)).map(|(_, n)| n).sum();
-    (lost, duplicated + unexpected)
 }
 
 /// The variant without a mount (see the module docs): a 16 KiB outbox during an upstream
@@ -413,7 +391,7 @@ fn outbox_cap_variant(dir: &Path) {
             let e = &expected[&(s.series.clone(), s.start_ms)];
             assert!(e.diff(s).is_empty(), "{} @ {}: {:?}", s.series, s.start_ms, e.diff(s));
         }
-        let (_, duplicated) = short_and_duplicated(r, &expected);
+        let duplicated = account(&expected, &r.summaries()).duplicated;
         let problems = compare_alerts(&alerts, &r.alerts());
         assert!(problems.is_empty(), "alerts differ (alerts are never evicted): {problems:#?}");
         let lost = published.saturating_sub(accounted(r));
