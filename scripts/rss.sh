@@ -8,7 +8,9 @@
 #   scripts/rss.sh [SECONDS]        default 90 seconds per case
 #
 # Environment: EDGEWISE_BIN (default target/release/edgewise, built when missing),
-# RSS_CASES (default "100 1000 10000 backlog").
+# RSS_CASES (default "100 1000 10000 backlog"), RSS_EXTRA_TOML (appended to each case's config,
+# e.g. '[storage]\ncache_capacity = "4 MiB"' to compare settings), RSS_ENV (extra environment
+# for the agent, e.g. "MALLOC_ARENA_MAX=2" as the systemd unit sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-90}"
@@ -59,9 +61,12 @@ series = "pump-*/*"
 timeout = "30s"
 
 $upstream
+
+$(printf '%b' "${RSS_EXTRA_TOML:-}")
 EOF
   "$bin" check --config "$dir/edgewise.toml" >/dev/null
-  "$bin" run --config "$dir/edgewise.toml" >"$dir/log" 2>&1 &
+  # shellcheck disable=SC2086 # RSS_ENV is a list of NAME=VALUE words
+  env ${RSS_ENV:-} "$bin" run --config "$dir/edgewise.toml" >"$dir/log" 2>&1 &
   local pid=$!
   local samples=()
   sleep 0.2
@@ -73,6 +78,10 @@ EOF
     local rss
     rss="$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)"
     [ -n "$rss" ] && samples+=("$rss")
+    if (( ${#samples[@]} % 60 == 0 )); then
+      printf '  %s: %3d s rss_kb=%s data_dir_kb=%s\n' "$name" "${#samples[@]}" "$rss" \
+        "$(du -sk "$dir/data" | cut -f1)" >&2
+    fi
     written="$(awk '/^write_bytes:/ { print $2 }' "/proc/$pid/io" 2>/dev/null || echo "$written")"
   done
   kill -TERM "$pid" 2>/dev/null || true

@@ -151,6 +151,14 @@ pub struct JournalConfig {
     /// an idle agent commits at once. Default 10 ms.
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// Longest time an entry that nobody waits for (QoS 0, serial and simulated events, clock
+    /// ticks) stays uncommitted. Entries whose source waits for an acknowledgement (QoS 1)
+    /// are committed after `commit_interval`; without them the writer gathers up to this long
+    /// into one chunk and one fsync, so a QoS 0 or serial load costs at most 1 / this fsyncs
+    /// per second (SD-card wear), and its events reach the rules at most this late.
+    /// Default 100 ms.
+    #[serde(default = "default_commit_max_delay", with = "humantime_serde")]
+    pub commit_max_delay: Duration,
     /// Most entries in one group commit. Default 4096.
     #[serde(default = "default_commit_max_entries")]
     pub commit_max_entries: usize,
@@ -169,6 +177,7 @@ impl Default for JournalConfig {
             max_bytes: default_journal_max_bytes(),
             max_age: default_journal_max_age(),
             commit_interval: default_commit_interval(),
+            commit_max_delay: default_commit_max_delay(),
             commit_max_entries: default_commit_max_entries(),
             snapshot_interval: default_snapshot_interval(),
             tick_interval: default_tick_interval(),
@@ -184,6 +193,9 @@ fn default_journal_max_age() -> Duration {
 }
 fn default_commit_interval() -> Duration {
     Duration::from_millis(10)
+}
+fn default_commit_max_delay() -> Duration {
+    Duration::from_millis(100)
 }
 fn default_commit_max_entries() -> usize {
     4096
@@ -1652,6 +1664,13 @@ impl Config {
                 Some("10ms is a good value on an SD card"),
             );
         }
+        if j.commit_max_delay > Duration::from_secs(10) {
+            issue(
+                "journal.commit_max_delay".into(),
+                "must be at most 10s: QoS 0 and serial events wait this long for the rules".into(),
+                Some("100ms to 1s"),
+            );
+        }
         if j.commit_max_entries == 0 {
             issue("journal.commit_max_entries".into(), "must be at least 1".into(), None);
         }
@@ -2275,6 +2294,7 @@ path = "out.jsonl"
         assert_eq!(c.buffer.max_bytes, ByteSize(64 << 20));
         assert_eq!(c.summary.window, Duration::from_secs(60));
         assert_eq!(c.journal.commit_interval, Duration::from_millis(10));
+        assert_eq!(c.journal.commit_max_delay, Duration::from_millis(100));
     }
 
     #[test]

@@ -65,10 +65,11 @@
 //! 1. **write**: sources send [`Ingest`]s; the writer appends them together with periodic
 //!    [`Entry::Tick`]s into the journal's in-memory buffer (a buffer that would pass
 //!    [`CHUNK_MAX_BYTES`] is written out as a chunk first).
-//! 2. **commit**: at most every `commit_interval` the writer seals the buffer (one chunk,
+//! 2. **commit**: at most every `commit_interval` (QoS 1 acks waiting) or after
+//!    `commit_max_delay` (nothing waits) the writer seals the buffer (one chunk,
 //!    sled `insert`), writes the commit's dedup keys, flushes the whole store once (group
 //!    commit: under load thousands of entries share one key and one fsync; an idle agent
-//!    commits at once), then sends the acks in receive order.
+//!    commits once per tick), then sends the acks in receive order.
 //! 3. **read**: the committed `(seq, Entry)` list goes to the processor over a bounded
 //!    channel; awaiting that send is the backpressure from processor to sources. On restart
 //!    the processor replays [`JournalReader::read_after`] its snapshot position instead
@@ -558,7 +559,10 @@ impl JournalReader {
 ///   [`Entry::Event`] (`metrics.events_in`) and, for QoS 1 messages, the dedup key is
 ///   kept for this commit (a redelivery later in the same commit sees it too).
 /// - Appends [`Entry::Tick`] every `cfg.tick_interval`, also when idle.
-/// - Commits at least `cfg.commit_interval` apart: seals the appended entries (one chunk),
+/// - Commits at least `cfg.commit_interval` apart, and when no acknowledgement waits, only
+///   once the oldest pending item is `cfg.commit_max_delay` old ([`Pending::due`]): a QoS 0,
+///   serial or idle load costs a few fsyncs per second, not one per `commit_interval`.
+///   A commit seals the appended entries (one chunk),
 ///   writes the commit's dedup keys after them, then flushes (one [`Store::flush`] in
 ///   `spawn_blocking`); on success sends the acks in receive order, updates `journal_durable_seq` and
 ///   `journal_commits`, and hands the committed entries to `to_processor` (awaited: this is
@@ -590,9 +594,30 @@ struct Pending {
     acks: Vec<Ack>,
     /// Ingests and ticks taken in; a commit is due when this is non-zero.
     items: usize,
+    /// When the first of `items` was taken in.
+    since: Option<Instant>,
     /// Dedup keys of the messages journaled in this commit and their hashes, written after
     /// the commit's entries are sealed.
     dedup: BTreeMap<[u8; 4], u64>,
+}
+
+impl Pending {
+    fn take_in(&mut self) {
+        self.items += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// When the pending items must be committed: `commit_interval` after the last commit if
+    /// an acknowledgement waits for it (QoS 1), else `commit_max_delay` after the oldest item
+    /// came in (and never sooner than `commit_interval` after the last commit).
+    fn due(&self, last_commit: Option<Instant>, cfg: &JournalConfig) -> Instant {
+        let spaced = last_commit.map_or_else(Instant::now, |at| at + cfg.commit_interval);
+        if !self.acks.is_empty() {
+            return spaced;
+        }
+        let oldest = self.since.unwrap_or_else(Instant::now);
+        spaced.max(oldest + cfg.commit_max_delay)
+    }
 }
 
 /// [`run_writer`] with the flush injected, so tests can make it fail.
@@ -622,7 +647,7 @@ where
     let mut open = true;
 
     loop {
-        let due = last_commit.map_or_else(Instant::now, |at| at + cfg.commit_interval);
+        let due = pending.due(last_commit, &cfg);
         if pending.items > 0 && (!open || pending.items >= max_items || Instant::now() >= due) {
             commit(&flush, &mut journal, &dedup, &mut pending, &to_processor, &metrics).await?;
             last_commit = Some(Instant::now());
@@ -645,7 +670,7 @@ where
                 let entry = Entry::Tick { now_ms: event::now_ms() };
                 let seq = journal.append(&entry)?;
                 pending.entries.push((seq, entry));
-                pending.items += 1;
+                pending.take_in();
             }
             _ = tokio::time::sleep_until(due), if pending.items > 0 => {}
         }
@@ -661,7 +686,7 @@ fn accept(
     metrics: &Metrics,
 ) -> Result<(), JournalError> {
     let Ingest { event, ack, redelivery } = ingest;
-    pending.items += 1;
+    pending.take_in();
     if let Some(redelivery) = redelivery
         && redelivery.dup
         && journaled_hash(dedup, &pending.dedup, &redelivery)? == Some(redelivery.hash)
@@ -747,6 +772,7 @@ where
         ack.send();
     }
     pending.items = 0;
+    pending.since = None;
     metrics.journal_durable_seq.store(journal.last_seq(), Ordering::Relaxed);
     Metrics::add(&metrics.journal_commits, 1);
     let now = u64::try_from(crate::event::now_ms()).unwrap_or(0);
@@ -1313,6 +1339,35 @@ mod tests {
         assert_eq!(values(&handed), vec![1.0, 2.0]);
         assert_eq!(metrics.journal_commits.load(Ordering::Relaxed), 2);
         assert_eq!(tree.len(), 2, "one chunk per commit");
+    }
+
+    #[tokio::test]
+    async fn entries_nobody_acks_wait_for_commit_max_delay_and_an_ack_commits_them_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let journal = Journal::open(&store).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(16);
+        let (to_processor, mut processor) = mpsc::channel(16);
+        let (ack_tx, mut acks) = mpsc::unbounded_channel();
+        let cfg = JournalConfig { commit_max_delay: Duration::from_secs(3600), ..writer_cfg() };
+        let writer =
+            tokio::spawn(run_writer(journal, store, cfg, rx, to_processor, Arc::clone(&metrics)));
+        // A QoS 0 event: taken in, but not committed (it may wait an hour).
+        let unacked = Ingest { event: Some(event(1.0, 1_000)), ack: None, redelivery: None };
+        tx.send(unacked).await.unwrap();
+        let deadline = Instant::now() + DEADLINE;
+        while metrics.events_in.load(Ordering::Relaxed) < 1 {
+            assert!(Instant::now() < deadline, "the writer never took the event in");
+            tokio::task::yield_now().await;
+        }
+        // A QoS 1 event: its ack must not wait, so it commits both in one fsync.
+        tx.send(ingest(2.0, &ack_tx, 2, None)).await.unwrap();
+        assert_eq!(within("ack", acks.recv()).await.unwrap().pkid, 2);
+        assert_eq!(values(&within("batch", processor.recv()).await.unwrap()), vec![1.0, 2.0]);
+        assert_eq!(metrics.journal_commits.load(Ordering::Relaxed), 1, "one commit for both");
+        drop(tx);
+        within("writer exit", writer).await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use edgewise::config::{self, Config, ConfigErrors};
 use edgewise::replay;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 
 /// The configuration `edgewise run` uses without `--config`: simulated pumps, threshold rules,
 /// 10 s summaries, and a JSON-lines file as the upstream. Needs nothing else installed.
@@ -490,21 +491,36 @@ fn config_error(errors: &ConfigErrors) -> ExitCode {
 
 fn init_logging() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEWISE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry().with(fmt).with(log_filter(LevelFilter::INFO)).init();
 }
 
 /// Logging for the one-shot commands: warnings and errors only, so that stderr carries the
 /// command's own messages.
 fn init_quiet_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEWISE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    tracing_subscriber::registry().with(fmt).with(log_filter(LevelFilter::WARN)).init();
+}
+
+/// The log filter from `EDGEWISE_LOG`: a level (`debug`) or comma-separated `target=level`
+/// directives (`warn,edgewise=debug`), `default` when unset. `Targets` rather than
+/// `EnvFilter`: the same directives without span/field filters, and without the regex engine
+/// that `EnvFilter` links (about 0.5 MB of the release binary). A filter that does not parse
+/// is reported on stderr and the default is used: a typo must not silence the logs.
+fn log_filter(default: LevelFilter) -> Targets {
+    match std::env::var("EDGEWISE_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => spec.parse().unwrap_or_else(|e| {
+            eprintln!("EDGEWISE_LOG={spec:?} is not a log filter ({e}); using {default}");
+            Targets::new().with_default(default)
+        }),
+        _ => Targets::new().with_default(default),
+    }
 }
 
 /// Worker threads of the runtime: a Pi has 1–4 cores and the agent shares them with the broker.
