@@ -122,7 +122,9 @@ fn default_shutdown_timeout() -> Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// sled's page cache. sled defaults to 1 GiB, far too much for a Pi. Default 16 MiB.
+    /// sled's page cache. sled defaults to 1 GiB, far too much for a Pi. Default 4 MiB: the
+    /// agent reads little back (the outbox head, replay after a crash), and measurements at
+    /// 1,000 series showed no gain from more (BENCHMARKS.md, "Memory").
     #[serde(default = "default_cache_capacity")]
     pub cache_capacity: ByteSize,
 }
@@ -134,17 +136,21 @@ impl Default for StorageConfig {
 }
 
 fn default_cache_capacity() -> ByteSize {
-    ByteSize(16 * 1024 * 1024)
+    ByteSize(4 * 1024 * 1024)
 }
 
 /// `[journal]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JournalConfig {
-    /// Bytes of journal kept behind the last snapshot (for history and replay). Default 32 MiB.
+    /// Bytes of journal kept behind the last snapshot, for the history API and the warm-up of
+    /// changed rules on reload (entries after the snapshot are always kept: they are the
+    /// replay after a crash). Default 8 MiB: about 3 minutes at 1,000 events/s, an hour at 50;
+    /// raise it to keep longer recordings (memory and SD writes grow with it).
     #[serde(default = "default_journal_max_bytes")]
     pub max_bytes: ByteSize,
-    /// Age of journal entries kept behind the last snapshot. Default 1 h.
+    /// Age of journal entries kept behind the last snapshot. Default 1 h (`edgewise journal
+    /// export` cuts recordings from it; `max_bytes` usually binds first above ~100 series).
     #[serde(default = "default_journal_max_age", with = "humantime_serde")]
     pub max_age: Duration,
     /// Minimum time between two group commits (fsyncs): bounds SD-card wear under load while
@@ -186,7 +192,7 @@ impl Default for JournalConfig {
 }
 
 fn default_journal_max_bytes() -> ByteSize {
-    ByteSize(32 * 1024 * 1024)
+    ByteSize(8 * 1024 * 1024)
 }
 fn default_journal_max_age() -> Duration {
     Duration::from_secs(3600)
@@ -2290,8 +2296,9 @@ path = "out.jsonl"
     #[test]
     fn a_minimal_file_gets_pi_sized_defaults() {
         let c = load_str("t.toml", MINIMAL).unwrap();
-        assert_eq!(c.storage.cache_capacity, ByteSize(16 << 20));
+        assert_eq!(c.storage.cache_capacity, ByteSize(4 << 20));
         assert_eq!(c.buffer.max_bytes, ByteSize(64 << 20));
+        assert_eq!(c.journal.max_bytes, ByteSize(8 << 20));
         assert_eq!(c.summary.window, Duration::from_secs(60));
         assert_eq!(c.journal.commit_interval, Duration::from_millis(10));
         assert_eq!(c.journal.commit_max_delay, Duration::from_millis(100));
