@@ -27,8 +27,9 @@
 //! - [`api`]: the local HTTP API (health, readiness, Prometheus metrics, JSON read side).
 //! - [`readmodel`]: what the processor publishes for the API (latest values, alerts).
 //! - [`http_server`]: the hyper accept loop shared by the API and `collect`.
-//! - [`api`]: the local HTTP API (health, readiness, Prometheus metrics, status JSON) beside
-//!   the data path, reading [`metrics`] and the processor's [`readmodel`].
+//! - [`sentmark`]: the highest record upstream acknowledged, outside sled (rollback check).
+//! - [`sdnotify`]: systemd's `READY=1` / `WATCHDOG=1` (the watchdog pings only while the
+//!   processor's position moves).
 
 pub mod api;
 pub mod collect;
@@ -46,6 +47,7 @@ pub mod recording;
 pub mod reload;
 pub mod replay;
 pub mod rules;
+pub mod sdnotify;
 pub mod sentmark;
 pub mod source;
 pub mod store;

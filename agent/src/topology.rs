@@ -203,6 +203,12 @@ pub async fn run_with_metrics(
         };
         tokio::spawn(api.serve(view, api_stop.clone().cancelled_owned()))
     });
+    let probe = crate::sdnotify::Probe {
+        metrics: metrics.clone(),
+        outbox: outbox.clone(),
+        readmodel: readmodel.clone(),
+    };
+    let systemd = crate::sdnotify::Service::start(probe, config.journal.tick_interval);
 
     let mut result = Ok(());
     tokio::select! {
@@ -214,6 +220,7 @@ pub async fn run_with_metrics(
             });
         }
     }
+    systemd.stopping();
 
     source_cancel.cancel();
     for s in sources {
