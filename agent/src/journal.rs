@@ -560,7 +560,7 @@ impl JournalReader {
 ///   kept for this commit (a redelivery later in the same commit sees it too).
 /// - Appends [`Entry::Tick`] every `cfg.tick_interval`, also when idle.
 /// - Commits at least `cfg.commit_interval` apart, and when no acknowledgement waits, only
-///   once the oldest pending item is `cfg.commit_max_delay` old ([`Pending::due`]): a QoS 0,
+///   once the oldest pending item is `cfg.commit_max_delay` old (`Pending::due`): a QoS 0,
 ///   serial or idle load costs a few fsyncs per second, not one per `commit_interval`.
 ///   A commit seals the appended entries (one chunk),
 ///   writes the commit's dedup keys after them, then flushes (one [`Store::flush`] in
