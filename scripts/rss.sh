@@ -2,8 +2,9 @@
 # Memory benchmark (issue 8): the release agent with the simulated source at 1 reading per
 # second per series and 3 rules matching every series, for 100, 1,000 and 10,000 series, then
 # 1,000 series with the upstream down (a growing backlog). Samples VmRSS every second and
-# prints, per case, the peak and the steady RSS (median of the last third of the run) and the
-# bytes the agent wrote to disk per event (/proc/PID/io write_bytes over the run).
+# prints, per case, the peak and the steady RSS (median of the last third of the run), the
+# bytes the agent wrote to disk per event and per second (/proc/PID/io write_bytes over the
+# run: what reaches the SD card) and its journal commits (fsyncs) per second.
 #
 #   scripts/rss.sh [SECONDS]        default 90 seconds per case
 #
@@ -93,8 +94,13 @@ EOF
   local disk
   disk="$(du -sk "$dir/data" | cut -f1)"
   local per_event=$(( (written - written0) / (series * secs) ))
-  printf '%-8s series=%-6s peak_rss_kb=%-7s steady_rss_kb=%-7s data_dir_kb=%-7s written_bytes_per_event=%s\n' \
-    "$name" "$series" "$peak" "$steady" "$disk" "$per_event"
+  local per_s=$(( (written - written0) / secs / 1024 ))
+  # Journal group commits (each one fsync) from the agent's `final status` line.
+  local commits
+  commits="$(grep -o 'commits=[0-9]*' "$dir/log" | tail -n1 | cut -d= -f2)"
+  printf '%-8s series=%-6s peak_rss_kb=%-7s steady_rss_kb=%-7s data_dir_kb=%-7s written_bytes_per_event=%-5s written_kb_per_s=%-5s commits_per_s=%s\n' \
+    "$name" "$series" "$peak" "$steady" "$disk" "$per_event" "$per_s" \
+    "$(awk -v c="${commits:-0}" -v s="$secs" 'BEGIN { printf "%.1f", c / s }')"
 }
 
 file_upstream() { printf '[upstream]\nkind = "file"\npath = "%s"\n' "$work/$1.jsonl"; }
