@@ -257,6 +257,12 @@ impl Received {
         self.summaries().iter().map(|s| s.count).sum()
     }
 
+    /// Events that distinct gap records report (late, evicted, expired ... events that no
+    /// summary counts).
+    pub fn gap_event_total(&self) -> u64 {
+        self.gaps().iter().map(|g| g.events).sum()
+    }
+
     /// Sequence numbers that are neither received nor covered by a gap record, per stream:
     /// each stream must be dense from its start (seq 0 or 1) to the highest seq seen.
     pub fn holes(&self) -> Vec<String> {
