@@ -399,7 +399,7 @@ impl Poller {
             hash: message_hash(&publish.topic, &publish.payload),
             dup: publish.dup,
         });
-        let ack = acknowledged.then(|| Ack::new(self.acks.0.clone(), publish));
+        let ack = acknowledged.then(|| Ack::new(self.acks.0.clone(), bare_ack(&publish)));
         send_or_cancel(&self.ingest, Ingest { event, ack, redelivery }, cancel, &self.settings.name)
             .await
     }
@@ -459,6 +459,16 @@ impl Poller {
             tracing::debug!(source = %self.settings.name, "DISCONNECT not written in time");
         }
     }
+}
+
+/// What an acknowledgement needs of a PUBLISH: its packet id and QoS (rumqttc's `ack` reads
+/// nothing else). The received PUBLISH's topic and payload are slices of rumqttc's read buffer;
+/// carrying them until the journal commit kept whole read buffers alive for every message in
+/// flight (heaptrack, QoS 1 flat out: 2.7 MB of read buffers and a 4 MiB queue of PUBLISHes).
+fn bare_ack(publish: &Publish) -> Publish {
+    let mut bare = Publish::new("", publish.qos, Vec::new());
+    bare.pkid = publish.pkid;
+    bare
 }
 
 /// Moves queued acks into the request channel until it is full; order is kept.
@@ -599,6 +609,15 @@ mod tests {
         let (_, options) = prepare(0, &config, mqtt_cfg(&config)).unwrap();
         let login = options.credentials().expect("credentials set");
         assert_eq!((login.username.as_str(), login.password.as_str()), ("gw", "s3cret"));
+    }
+
+    #[test]
+    fn an_ack_keeps_the_packet_id_and_qos_but_not_the_message() {
+        let mut publish = Publish::new("sensors/p1/t", QoS::AtLeastOnce, vec![7u8; 512]);
+        publish.pkid = 42;
+        let bare = bare_ack(&publish);
+        assert_eq!((bare.pkid, bare.qos), (42, QoS::AtLeastOnce));
+        assert!(bare.topic.is_empty() && bare.payload.is_empty());
     }
 
     #[test]
