@@ -1169,26 +1169,57 @@ mod tests {
         }
     }
 
+    /// A writer task over a fresh store, with both ends of its channels.
+    struct WriterRig {
+        store: Store,
+        metrics: Arc<Metrics>,
+        tx: mpsc::Sender<Ingest>,
+        processor: mpsc::Receiver<Vec<(u64, Entry)>>,
+        ack_tx: mpsc::UnboundedSender<Publish>,
+        acks: mpsc::UnboundedReceiver<Publish>,
+        writer: tokio::task::JoinHandle<Result<(), JournalError>>,
+        _tmp: tempfile::TempDir,
+    }
+
+    impl WriterRig {
+        /// [`run_writer`] with `cfg`.
+        fn start(cfg: JournalConfig) -> WriterRig {
+            Self::spawn(cfg, None).0
+        }
+
+        /// [`run_writer_with`] a flush that fails `failures` times before it works.
+        fn start_flaky(cfg: JournalConfig, failures: usize) -> (WriterRig, FlakyFlush) {
+            let (rig, flaky) = Self::spawn(cfg, Some(failures));
+            (rig, flaky.unwrap())
+        }
+
+        fn spawn(cfg: JournalConfig, failures: Option<usize>) -> (WriterRig, Option<FlakyFlush>) {
+            let tmp = tempfile::tempdir().unwrap();
+            let store = open_store(&tmp);
+            let journal = Journal::open(&store).unwrap();
+            let metrics = Arc::new(Metrics::default());
+            let (tx, rx) = mpsc::channel(16);
+            let (to_processor, processor) = mpsc::channel(16);
+            let (ack_tx, acks) = mpsc::unbounded_channel();
+            let flaky = failures.map(|n| FlakyFlush::new(&store, n));
+            let (s, m) = (store.clone(), Arc::clone(&metrics));
+            let writer = match flaky.clone() {
+                Some(flush) => {
+                    tokio::spawn(run_writer_with(journal, s, cfg, rx, to_processor, m, move || {
+                        flush.flush()
+                    }))
+                }
+                None => tokio::spawn(run_writer(journal, s, cfg, rx, to_processor, m)),
+            };
+            let rig = WriterRig { store, metrics, tx, processor, ack_tx, acks, writer, _tmp: tmp };
+            (rig, flaky)
+        }
+    }
+
     #[tokio::test]
     async fn the_writer_acks_only_after_a_successful_flush_and_in_order() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = open_store(&tmp);
-        let journal = Journal::open(&store).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = mpsc::channel(16);
-        let (to_processor, mut processor) = mpsc::channel(16);
-        let (ack_tx, mut acks) = mpsc::unbounded_channel();
-        let flaky = FlakyFlush::new(&store, 2);
-        let flush = flaky.clone();
-        let writer = tokio::spawn(run_writer_with(
-            journal,
-            store,
-            writer_cfg(),
-            rx,
-            to_processor,
-            Arc::clone(&metrics),
-            move || flush.flush(),
-        ));
+        let (rig, flaky) = WriterRig::start_flaky(writer_cfg(), 2);
+        let WriterRig { metrics, tx, mut processor, ack_tx, mut acks, writer, .. } = rig;
         for pkid in 1..=3 {
             tx.send(ingest(f64::from(pkid), &ack_tx, pkid, None)).await.unwrap();
         }
@@ -1216,24 +1247,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_flush_that_keeps_failing_stops_the_writer_without_acking() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = open_store(&tmp);
-        let journal = Journal::open(&store).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = mpsc::channel(16);
-        let (to_processor, mut processor) = mpsc::channel(16);
-        let (ack_tx, mut acks) = mpsc::unbounded_channel();
-        let broken = FlakyFlush::new(&store, usize::MAX);
-        let flush = broken.clone();
-        let writer = tokio::spawn(run_writer_with(
-            journal,
-            store,
-            writer_cfg(),
-            rx,
-            to_processor,
-            Arc::clone(&metrics),
-            move || flush.flush(),
-        ));
+        let (rig, broken) = WriterRig::start_flaky(writer_cfg(), usize::MAX);
+        let WriterRig { metrics, tx, mut processor, ack_tx, mut acks, writer, _tmp, .. } = rig;
         tx.send(ingest(1.0, &ack_tx, 1, None)).await.unwrap();
         let result = within("writer exit", writer).await.unwrap();
         assert!(
@@ -1248,21 +1263,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_drops_a_redelivery_with_the_same_hash_but_journals_a_new_message() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = open_store(&tmp);
-        let journal = Journal::open(&store).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = mpsc::channel(16);
-        let (to_processor, mut processor) = mpsc::channel(16);
-        let (ack_tx, mut acks) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(run_writer(
-            journal,
-            store.clone(),
-            writer_cfg(),
-            rx,
-            to_processor,
-            Arc::clone(&metrics),
-        ));
+        let rig = WriterRig::start(writer_cfg());
+        let WriterRig { store, metrics, tx, mut processor, ack_tx, mut acks, writer, _tmp } = rig;
         let redelivery = |hash, dup| Some(Redelivery { source: 2, pkid: 7, hash, dup });
         tx.send(ingest(1.0, &ack_tx, 7, redelivery(99, false))).await.unwrap();
         assert_eq!(within("first ack", acks.recv()).await.unwrap().pkid, 7);
@@ -1313,17 +1315,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_commits_and_exits_when_its_input_closes() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = open_store(&tmp);
-        let journal = Journal::open(&store).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = mpsc::channel(16);
-        let (to_processor, mut processor) = mpsc::channel(16);
-        let (ack_tx, mut acks) = mpsc::unbounded_channel();
         let cfg = JournalConfig { commit_interval: Duration::from_secs(3600), ..writer_cfg() };
+        let rig = WriterRig::start(cfg);
+        let WriterRig { store, metrics, tx, mut processor, ack_tx, mut acks, writer, _tmp } = rig;
         let tree = store.db().open_tree(TREE_JOURNAL).unwrap();
-        let writer =
-            tokio::spawn(run_writer(journal, store, cfg, rx, to_processor, Arc::clone(&metrics)));
         // The first commit happens at once (nothing was committed before) ...
         tx.send(ingest(1.0, &ack_tx, 1, None)).await.unwrap();
         assert_eq!(within("first ack", acks.recv()).await.unwrap().pkid, 1);
@@ -1343,16 +1338,9 @@ mod tests {
 
     #[tokio::test]
     async fn entries_nobody_acks_wait_for_commit_max_delay_and_an_ack_commits_them_at_once() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = open_store(&tmp);
-        let journal = Journal::open(&store).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = mpsc::channel(16);
-        let (to_processor, mut processor) = mpsc::channel(16);
-        let (ack_tx, mut acks) = mpsc::unbounded_channel();
         let cfg = JournalConfig { commit_max_delay: Duration::from_secs(3600), ..writer_cfg() };
-        let writer =
-            tokio::spawn(run_writer(journal, store, cfg, rx, to_processor, Arc::clone(&metrics)));
+        let rig = WriterRig::start(cfg);
+        let WriterRig { metrics, tx, mut processor, ack_tx, mut acks, writer, _tmp, .. } = rig;
         // A QoS 0 event: taken in, but not committed (it may wait an hour).
         let unacked = Ingest { event: Some(event(1.0, 1_000)), ack: None, redelivery: None };
         tx.send(unacked).await.unwrap();
@@ -1372,16 +1360,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_writer_journals_ticks() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = open_store(&tmp);
-        let journal = Journal::open(&store).unwrap();
-        let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = mpsc::channel::<Ingest>(16);
-        let (to_processor, mut processor) = mpsc::channel(16);
         let cfg = JournalConfig { tick_interval: Duration::from_millis(20), ..writer_cfg() };
         let before = event::now_ms();
-        let writer =
-            tokio::spawn(run_writer(journal, store, cfg, rx, to_processor, Arc::clone(&metrics)));
+        let WriterRig { tx, mut processor, writer, _tmp, .. } = WriterRig::start(cfg);
         let mut ticks = Vec::new();
         while ticks.len() < 2 {
             for (seq, entry) in within("ticks", processor.recv()).await.unwrap() {
