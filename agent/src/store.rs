@@ -501,6 +501,21 @@ mod tests {
 
     const CACHE: u64 = 1024 * 1024;
 
+    /// Opens the store in `dir` again after the test dropped its handle. sled's I/O threads
+    /// may hold the database file (and its lock) for a moment after the last handle is
+    /// dropped, so a `Locked` is retried until a deadline (seen under CI load).
+    fn reopen(dir: &Path) -> (Store, OpenReport) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, CACHE) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                result => return result.unwrap(),
+            }
+        }
+    }
+
     #[test]
     fn a_new_store_gets_an_epoch_that_survives_reopen() {
         let tmp = tempfile::tempdir().unwrap();
@@ -512,7 +527,7 @@ mod tests {
         assert_ne!(epoch, 0);
         drop(store);
 
-        let (store, report) = Store::open(&dir, CACHE).unwrap();
+        let (store, report) = reopen(&dir);
         assert!(!report.created);
         assert_eq!(store.epoch(), epoch);
         for name in ALL_TREES {
@@ -531,7 +546,7 @@ mod tests {
         store.flush().unwrap();
         drop(store);
 
-        let (store, _) = Store::open(&dir, CACHE).unwrap();
+        let (store, _) = reopen(&dir);
         assert_eq!(store.load_snapshot().unwrap(), Some((42, b"state bytes".to_vec())));
     }
 
@@ -569,7 +584,7 @@ mod tests {
             }
         }
 
-        let (store, report) = Store::open(&dir, CACHE).unwrap();
+        let (store, report) = reopen(&dir);
         let quarantined = report.quarantined.expect("the corrupt store is moved aside");
         assert!(report.created);
         assert!(quarantined.exists());
@@ -582,7 +597,7 @@ mod tests {
         let lost = store.lost_store().unwrap().expect("the fresh store knows what it replaced");
         assert_eq!(lost.moved_to, quarantined);
         drop(store);
-        let (store, report) = Store::open(&dir, CACHE).unwrap();
+        let (store, report) = reopen(&dir);
         assert!(report.quarantined.is_none());
         assert_eq!(store.lost_store().unwrap().as_ref(), Some(&lost));
         let [(alert_lane, alert_seq, alert), (gap_lane, gap_seq, gap)] = lost.records(&dir);
@@ -597,7 +612,7 @@ mod tests {
         assert_eq!((gap.reason.as_str(), gap.to_ms), (GAP_REASON_STORE_LOST, Some(lost.at_ms)));
         store.clear_lost_store().unwrap();
         drop(store);
-        let (store, _) = Store::open(&dir, CACHE).unwrap();
+        let (store, _) = reopen(&dir);
         assert_eq!(store.lost_store().unwrap(), None);
     }
 
