@@ -219,6 +219,18 @@ pub struct DeviceCounters {
 }
 
 impl Metrics {
+    /// The upstream in one word: `up` (the last send worked), `idle` (nothing failed yet,
+    /// nothing sent yet either) or `down`. For the status line and systemd's `STATUS=`.
+    pub fn upstream_state(&self) -> &'static str {
+        if get(&self.upstream_up) == 1 {
+            "up"
+        } else if get(&self.upstream_failures) == 0 {
+            "idle"
+        } else {
+            "down"
+        }
+    }
+
     /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);

@@ -1250,18 +1250,8 @@ mod tests {
     /// Opens the store, waiting out the file lock of a just-dropped handle: sled's I/O
     /// threads may still hold the file for a moment after the last handle is dropped.
     fn reopen_store(dir: &tempfile::TempDir) -> Store {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match Store::open(&dir.path().join("db"), 1024 * 1024) {
-                Ok((store, _)) => return store,
-                Err(crate::store::StoreError::Locked { .. })
-                    if std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(error) => panic!("{error}"),
-            }
-        }
+        let db = dir.path().join("db");
+        Store::open_after_drop(&db, 1024 * 1024, Duration::from_secs(10)).unwrap().0
     }
 
     fn summary(start_ms: i64) -> RecordBody {

@@ -210,20 +210,13 @@ impl Probe {
 
     /// The `STATUS=` text, e.g. `upstream up; outbox 12 records (3 KiB); 4711 events in`.
     pub fn status(&self) -> String {
-        let m = &self.metrics;
-        let upstream = if metrics::get(&m.upstream_up) == 1 {
-            "up"
-        } else if metrics::get(&m.upstream_failures) == 0 {
-            "idle"
-        } else {
-            "down"
-        };
         let stats = self.outbox.stats();
         format!(
-            "upstream {upstream}; outbox {} records ({} KiB); {} events in",
+            "upstream {}; outbox {} records ({} KiB); {} events in",
+            self.metrics.upstream_state(),
             stats.alerts.records + stats.summaries.records,
             (stats.alerts.bytes + stats.summaries.bytes) / 1024,
-            metrics::get(&m.events_in)
+            metrics::get(&self.metrics.events_in)
         )
     }
 }

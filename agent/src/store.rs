@@ -190,6 +190,26 @@ pub struct Store {
 }
 
 impl Store {
+    /// [`Store::open`], retrying for up to `patience` while the store is
+    /// [`StoreError::Locked`]: for a caller that dropped its own handle a moment ago, since
+    /// sled's I/O threads may hold the file lock briefly after the last handle is gone (tests
+    /// that reopen a store in-process). A lock another process holds still fails, later.
+    pub fn open_after_drop(
+        dir: &Path,
+        cache_capacity: u64,
+        patience: std::time::Duration,
+    ) -> Result<(Store, OpenReport), StoreError> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match Self::open(dir, cache_capacity) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Opens (creating) the sled db in `dir` with `cache_capacity` bytes of cache and
     /// `flush_every_ms = None` (we flush explicitly). Opens every tree, creates and flushes
     /// the store epoch if missing. A store that fails to open for any reason but a lock held
@@ -501,19 +521,9 @@ mod tests {
 
     const CACHE: u64 = 1024 * 1024;
 
-    /// Opens the store in `dir` again after the test dropped its handle. sled's I/O threads
-    /// may hold the database file (and its lock) for a moment after the last handle is
-    /// dropped, so a `Locked` is retried until a deadline (seen under CI load).
+    /// Opens the store in `dir` again after the test dropped its handle.
     fn reopen(dir: &Path) -> (Store, OpenReport) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Store::open(dir, CACHE) {
-                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                result => return result.unwrap(),
-            }
-        }
+        Store::open_after_drop(dir, CACHE, std::time::Duration::from_secs(10)).unwrap()
     }
 
     #[test]

@@ -383,13 +383,7 @@ fn log_status(message: &str, metrics: &Metrics, outbox: &Outbox, rate: &mut Rate
     let rate = rate.rate(events_in, Instant::now());
     let stats = outbox.stats();
     let oldest_age_ms = metrics.backlog_age_ms(crate::event::now_ms());
-    let upstream = if metrics::get(&metrics.upstream_up) == 1 {
-        "up"
-    } else if metrics::get(&metrics.upstream_failures) == 0 {
-        "idle"
-    } else {
-        "down"
-    };
+    let upstream = metrics.upstream_state();
     info!(
         events_per_s = format_args!("{rate:.1}"),
         events_in,

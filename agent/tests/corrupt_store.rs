@@ -6,14 +6,11 @@
 //! and moves nothing. A lock left by a killed agent vanishes with it.
 
 // `free_port` is unused: these agents run with the API off.
-#[allow(dead_code)]
 mod common;
-use common::Killed;
+use common::{LoggedAgent, run_command};
 use sensors::record::{AlertState, Batch, Lane, Record, RecordBody, Severity};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long the agent may take to start, report the loss and deliver new summaries.
@@ -78,7 +75,7 @@ listen = "off"
     }
 
     fn start(&self) -> Agent {
-        Agent::start(&self.config)
+        LoggedAgent::spawn(run_command(&self.config))
     }
 
     /// Every record upstream received so far, in file order.
@@ -105,7 +102,7 @@ listen = "off"
             if done(&records) {
                 return records;
             }
-            agent.assert_running(what);
+            assert_running(agent, what);
             assert!(
                 start.elapsed() < DEADLINE,
                 "{what}: not within {DEADLINE:?}; got {records:#?}\nlog:\n{}",
@@ -130,71 +127,20 @@ listen = "off"
     fn fill(&self) -> usize {
         let mut agent = self.start();
         self.wait_for(&mut agent, 0, "first run", |r| summaries(r) >= SUMMARIES_BEFORE);
-        agent.terminate();
+        agent.terminate(DEADLINE);
         self.received().len()
     }
 }
 
 /// The agent binary with its stderr collected.
-struct Agent {
-    child: Killed,
-    log: Arc<Mutex<String>>,
-}
+type Agent = LoggedAgent;
 
-impl Agent {
-    fn start(config: &Path) -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgewise"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("EDGEWISE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        Agent { child: Killed(child), log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn assert_running(&mut self, what: &str) {
-        if let Some(status) = self.child.0.try_wait().unwrap() {
-            // Let the reader thread take the last lines.
-            std::thread::sleep(Duration::from_millis(100));
-            panic!("{what}: the agent exited with {status}; log:\n{}", self.log());
-        }
-    }
-
-    /// The exit status within the deadline.
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(start.elapsed() < DEADLINE, "no exit within {DEADLINE:?}:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, as systemd stops the agent; asserts a clean exit.
-    fn terminate(&mut self) {
-        let pid = self.child.0.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let status = self.wait_exit();
-        assert!(status.success(), "{status}; log:\n{}", self.log());
+/// Panics with the log if the agent has exited.
+fn assert_running(agent: &mut Agent, what: &str) {
+    if let Some(status) = agent.child.0.try_wait().unwrap() {
+        // Let the reader thread take the last lines.
+        std::thread::sleep(Duration::from_millis(100));
+        panic!("{what}: the agent exited with {status}; log:\n{}", agent.log());
     }
 }
 
@@ -300,8 +246,8 @@ fn assert_rollback_reported(rig: &Rig, before: usize, case: &str) {
         summaries(r) >= SUMMARIES_AFTER
     });
     let flowing_in = start.elapsed();
-    agent.assert_running(case);
-    agent.terminate();
+    assert_running(&mut agent, case);
+    agent.terminate(DEADLINE);
     let old = &rig.received()[..before];
     let reused: Vec<&Record> =
         after.iter().filter(|r| old.iter().any(|o| o.id == r.id && o.body != r.body)).collect();
@@ -363,13 +309,13 @@ fn garbage_in_conf_quarantines_the_store() {
     let mut agent = assert_recovers(&rig, before, "conf");
 
     // Reported once: a restart on the fresh store is an ordinary start.
-    agent.terminate();
+    agent.terminate(DEADLINE);
     let before = rig.received().len();
     let mut agent = rig.start();
     let after = rig.wait_for(&mut agent, before, "a clean restart", |r| summaries(r) >= 2);
     assert!(!after.iter().any(is_store_alert), "{after:#?}");
     assert_eq!(rig.quarantined().len(), 1);
-    agent.terminate();
+    agent.terminate(DEADLINE);
 }
 
 #[test]
@@ -379,7 +325,7 @@ fn a_second_agent_on_a_store_in_use_fails_naming_the_lock_and_moves_nothing() {
     rig.wait_for(&mut first, 0, "first agent", |r| summaries(r) >= 1);
 
     let mut second = rig.start();
-    let status = second.wait_exit();
+    let status = second.wait_exit(DEADLINE);
     assert!(!status.success(), "{status}");
     let log = second.log();
     let data = rig.data().display().to_string();
@@ -390,7 +336,7 @@ fn a_second_agent_on_a_store_in_use_fails_naming_the_lock_and_moves_nothing() {
     // The first agent is unharmed and still delivers.
     let before = rig.received().len();
     rig.wait_for(&mut first, before, "first agent after the refusal", |r| summaries(r) >= 2);
-    first.terminate();
+    first.terminate(DEADLINE);
 }
 
 #[test]
@@ -400,12 +346,12 @@ fn the_lock_of_a_killed_agent_does_not_stop_the_next_start() {
     rig.wait_for(&mut agent, 0, "first run", |r| summaries(r) >= SUMMARIES_BEFORE);
     // SIGKILL: no shutdown path, the lock file stays; its flock died with the process.
     agent.child.0.kill().unwrap();
-    agent.wait_exit();
+    agent.wait_exit(DEADLINE);
 
     let before = rig.received().len();
     let mut agent = rig.start();
     let after = rig.wait_for(&mut agent, before, "restart", |r| summaries(r) >= 2);
     assert!(rig.quarantined().is_empty());
     assert!(!after.iter().any(is_store_alert), "{after:#?}");
-    agent.terminate();
+    agent.terminate(DEADLINE);
 }

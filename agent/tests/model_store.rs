@@ -43,7 +43,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edgewise::config::{BufferConfig, ByteSize, JournalConfig, Percent};
 use edgewise::event::{self, Entry, Event};
@@ -52,7 +52,7 @@ use edgewise::metrics::Metrics;
 use edgewise::outbox::{
     GAP_REASON_EXPIRED, GAP_REASON_OUTBOX_FULL, Outbox, OutboxStats, TTL_CLOCK_FLOOR_MS,
 };
-use edgewise::store::{Store, StoreError, TREE_DEAD_LETTER, TREE_OUTBOX};
+use edgewise::store::{Store, TREE_DEAD_LETTER, TREE_OUTBOX};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use sensors::record::{
@@ -90,18 +90,12 @@ fn proptest_config(default_cases: u32) -> ProptestConfig {
 /// Opens the store in `dir`, waiting out the file lock of a just-dropped handle (sled's
 /// I/O threads may hold it for a moment after the last handle is gone).
 fn open_store(dir: &Path) -> Store {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Store::open(dir, CACHE) {
-            Ok((store, report)) => {
-                assert!(report.quarantined.is_none(), "a test store was quarantined: {report:?}");
-                return store;
-            }
-            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(error) => panic!("cannot open {}: {error}", dir.display()),
+    match Store::open_after_drop(dir, CACHE, Duration::from_secs(10)) {
+        Ok((store, report)) => {
+            assert!(report.quarantined.is_none(), "a test store was quarantined: {report:?}");
+            store
         }
+        Err(error) => panic!("cannot open {}: {error}", dir.display()),
     }
 }
 

@@ -2,14 +2,10 @@
 //! and a 400 ms `$WATCHDOG_USEC`. The agent sends `READY=1` first, then `WATCHDOG=1` pings
 //! (every 200 ms while its pipeline moves), and on SIGTERM `STOPPING=1`, then exits 0.
 
-#[allow(dead_code)]
 mod common;
-use common::Killed;
-use std::io::{BufRead, BufReader};
+use common::{LoggedAgent, run_command};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long each step may take (start, pings, stop), generous for a loaded CI machine.
@@ -49,16 +45,15 @@ listen = "off"
     path
 }
 
-/// The notifications received, in order, and the agent's log, for failure messages.
+/// The notifications received, in order.
 struct Systemd {
     socket: UnixDatagram,
     received: Vec<String>,
-    log: Arc<Mutex<String>>,
 }
 
 impl Systemd {
     /// Receives until a datagram has a line `assignment`; returns that datagram's index.
-    fn wait_for(&mut self, assignment: &str, agent: &mut Killed) -> usize {
+    fn wait_for(&mut self, assignment: &str, agent: &mut LoggedAgent) -> usize {
         let start = Instant::now();
         let mut buf = [0u8; 4096];
         loop {
@@ -66,7 +61,7 @@ impl Systemd {
                 start.elapsed() < DEADLINE,
                 "no {assignment} within {DEADLINE:?}; received {:?}\nlog:\n{}",
                 self.received,
-                self.log.lock().unwrap()
+                agent.log()
             );
             match self.socket.recv(&mut buf) {
                 Ok(n) => {
@@ -83,9 +78,9 @@ impl Systemd {
                 Err(e) => panic!("recv: {e}"),
             }
             if assignment != "STOPPING=1"
-                && let Some(status) = agent.0.try_wait().unwrap()
+                && let Some(status) = agent.child.0.try_wait().unwrap()
             {
-                panic!("the agent exited with {status}; log:\n{}", self.log.lock().unwrap());
+                panic!("the agent exited with {status}; log:\n{}", agent.log());
             }
         }
     }
@@ -99,30 +94,13 @@ fn ready_watchdog_pings_and_stopping_reach_systemd() {
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgewise"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("EDGEWISE_LOG", "info")
+    let mut command = run_command(&config);
+    command
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "400000")
-        .env_remove("WATCHDOG_PID")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let mut agent = Killed(child);
-    let mut systemd = Systemd { socket, received: Vec::new(), log };
+        .env_remove("WATCHDOG_PID");
+    let mut agent = LoggedAgent::spawn(command);
+    let mut systemd = Systemd { socket, received: Vec::new() };
 
     let ready = systemd.wait_for("READY=1", &mut agent);
     assert_eq!(ready, 0, "READY=1 comes first: {:?}", systemd.received);
@@ -142,17 +120,8 @@ fn ready_watchdog_pings_and_stopping_reach_systemd() {
         );
     }
 
-    let pid = agent.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    agent.signal("TERM");
     systemd.wait_for("STOPPING=1", &mut agent);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = agent.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(start.elapsed() < DEADLINE, "no exit within {DEADLINE:?} after SIGTERM");
-        // A pause between attempts of a poll with a deadline.
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}; log:\n{}", systemd.log.lock().unwrap());
+    let status = agent.wait_exit(DEADLINE);
+    assert!(status.success(), "{status}; log:\n{}", agent.log());
 }
