@@ -254,8 +254,7 @@ fn journal(c: &mut Criterion) {
                         black_box(journal.append(&entries[next]).unwrap());
                         next = (next + 1) % entries.len();
                     }
-                    journal.seal().unwrap();
-                    store.flush().unwrap();
+                    journal.commit().unwrap();
                 }
                 start.elapsed()
             })

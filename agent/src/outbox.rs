@@ -559,12 +559,13 @@ impl Outbox {
         self.inner.sent_mark.lock().unwrap_or_else(|p| p.into_inner()).mark()
     }
 
-    /// The processor, after its replay, numbers `lane` from `first_unused`, below what
-    /// upstream acknowledged (`acked_next` = the sent mark): sled rolled the store back
-    /// (journal, snapshot and outbox together), so the replay could not regenerate the
-    /// records upstream holds, and new records would reuse their ids (upstream would drop
-    /// them as duplicates). The lane continues after them: a gap record (reason
-    /// [`GAP_REASON_ROLLED_BACK`], seqs `first_unused..acked_next` skipped, `records` and
+    /// Seqs `first_unused..acked_next` of `lane` are lost and must not be used again: the
+    /// outbox (sled) went back to an older state than the processor snapshot, which covers
+    /// records up to `acked_next - 1`, or the processor, after its replay, is below what
+    /// upstream acknowledged (`acked_next` = the sent mark), so the replay could not
+    /// regenerate the records upstream holds, and new records would reuse their ids
+    /// (upstream would drop them as duplicates). The lane continues after them: a gap record
+    /// (reason [`GAP_REASON_ROLLED_BACK`], seqs `first_unused..acked_next` skipped, `records` and
     /// `events` 0 because what the store held after the state it went back to is unknown,
     /// `to_ms` when) takes the first seq that upstream has never seen. Counts
     /// `store_rollbacks`. Returns the gap's seq: the processor continues after it.

@@ -620,9 +620,36 @@ pub async fn run(
             processor.skip_seqs_through(lane, outbox.next_seq(lane).saturating_sub(1));
         }
     }
+    if !lost {
+        // sled holds the outbox; the snapshot file and the journal are outside it. A sled that
+        // opened an older state (see `crate::sentmark`) lost records that the snapshot says
+        // were made, and flushed (a snapshot is saved only after sled is flushed): the replay
+        // starts after them and cannot make them again. Say so with a gap, and number on
+        // after it and after whatever upstream acknowledged.
+        let acked = outbox.sent_mark();
+        for lane in Lane::ALL {
+            let made = processor.last_seq(lane);
+            let next = outbox.next_seq(lane);
+            if made > 0 && next <= made {
+                let after = (made + 1).max(acked.next(lane));
+                let at = outbox
+                    .report_rollback(lane, next, after)
+                    .map_err(|source| ProcessorError::Outbox { lane, seq: after, source })?;
+                warn!(
+                    lane = lane.as_str(),
+                    lost_from = next,
+                    lost_to = made,
+                    gap = at,
+                    "the store went back to an older state: records the snapshot covers are \
+                     gone from the outbox (reported upstream as a store_rolled_back gap)"
+                );
+                processor.skip_seqs_through(lane, at);
+            }
+        }
+    }
     let restored_at = processor.position();
 
-    // Replay reads sled and writes the outbox for as long as the journal is: off the runtime.
+    // Replay reads the journal and writes the outbox for as long as the journal is: off the runtime.
     let replay = {
         let (reader, outbox, metrics) = (reader.clone(), outbox.clone(), Arc::clone(&metrics));
         let readmodel = Arc::clone(&readmodel);
@@ -642,8 +669,8 @@ pub async fn run(
         "processor replayed the journal"
     );
     // Replay regenerates every record the journal's durable entries produced, upstream's
-    // included: a processor behind what upstream acknowledged means sled rolled the whole
-    // store back (see `crate::sentmark`). The outbox then continues after the acknowledged
+    // included: a processor still behind what upstream acknowledged means the snapshot and
+    // the journal went back too (see `crate::sentmark`). The outbox then continues after the acknowledged
     // seqs with a gap record, and the processor after the outbox.
     let acked = outbox.sent_mark();
     for lane in Lane::ALL {
@@ -860,8 +887,8 @@ fn write(
     Ok(())
 }
 
-/// Saves the snapshot and flushes the store (off the runtime: a flush is an fsync). The
-/// flush also makes the outbox records the snapshot covers durable.
+/// Saves the snapshot (off the runtime: it fsyncs). [`Store::save_snapshot`] flushes sled
+/// first, which makes the outbox records the snapshot covers durable.
 async fn save(processor: &Processor, store: &Store) -> Result<(), ProcessorError> {
     let position = processor.position();
     let bytes = processor.snapshot();
@@ -869,8 +896,7 @@ async fn save(processor: &Processor, store: &Store) -> Result<(), ProcessorError
     tokio::task::spawn_blocking(move || {
         store
             .save_snapshot(position, &bytes)
-            .map_err(|source| ProcessorError::Store { action: "save", source })?;
-        store.flush().map_err(|source| ProcessorError::Store { action: "flush", source })
+            .map_err(|source| ProcessorError::Store { action: "save", source })
     })
     .await
     .map_err(|source| ProcessorError::Task { task: "snapshot", source })??;
@@ -1373,8 +1399,7 @@ mod tests {
             for entry in &all[..20] {
                 first.journal.append(entry).unwrap();
             }
-            first.journal.seal().unwrap();
-            first.store.flush().unwrap();
+            first.journal.commit().unwrap();
             run_once(&config, &first, Vec::new()).await;
             assert_eq!(first.store.load_snapshot().unwrap().map(|s| s.0), Some(20));
             drop(first);
@@ -1384,8 +1409,7 @@ mod tests {
             for entry in &all[20..] {
                 live.push((second.journal.append(entry).unwrap(), entry.clone()));
             }
-            second.journal.seal().unwrap();
-            second.store.flush().unwrap();
+            second.journal.commit().unwrap();
             // The channel skips 21..=23 (read from the journal) and repeats itself.
             run_once(&config, &second, vec![live[3..].to_vec(), live.clone()]).await;
             assert_eq!(second.store.load_snapshot().unwrap().map(|s| s.0), Some(40));
@@ -1446,13 +1470,17 @@ mod tests {
             config.journal.max_age = Duration::from_secs(60);
             let config = Arc::new(config);
             let mut storage = open(dir.path(), &config);
+            // One segment per seal: the first (1..=10) can go once covered, the second (11,
+            // read by the start-up replay) is the active one and stays.
+            storage.journal = Journal::open_with(&storage.store, 1).unwrap();
             // Received in 1970: far older than max_age, so trimmed once covered.
             let mut batch = Vec::new();
             for entry in &entries(10) {
                 batch.push((storage.journal.append(entry).unwrap(), entry.clone()));
             }
             storage.journal.seal().unwrap();
-            storage.store.flush().unwrap();
+            storage.journal.append(&Entry::Tick { now_ms: 9_000 }).unwrap();
+            storage.journal.commit().unwrap();
             let (tx, rx) = mpsc::channel(1);
             let metrics = Arc::new(Metrics::default());
             let (store, reader) = (storage.store.clone(), storage.journal.reader());
@@ -1472,8 +1500,9 @@ mod tests {
             for _ in 0..100 {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let position = storage.store.load_snapshot().unwrap().map(|s| s.0);
-                let left = storage.journal.reader().read_after(0).count();
-                if position == Some(10) && left == 0 {
+                let left: Vec<u64> =
+                    storage.journal.reader().read_after(0).map(|e| e.unwrap().0).collect();
+                if position == Some(11) && left == [11] {
                     snapshotted = true;
                     break;
                 }

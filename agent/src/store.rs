@@ -1,6 +1,17 @@
-//! The sled database shared by the journal, the processor snapshots and the outbox.
+//! The data directory: the sled database of the outbox, the processor snapshot file and the
+//! journal's segment files (see [`crate::journal`]).
 //!
-//! One [`sled::Db`] holds every durable byte of the agent, split into trees by owner:
+//! ```text
+//! <data_dir>/db, conf, blobs/, snap.*   sled
+//! <data_dir>/processor.snapshot         version u8 (2) + crc32 u32 LE (of the rest) + u64 BE
+//!                                       journal position + state bytes; replaced whole
+//!                                       (write a temporary file, fsync, rename, fsync the dir)
+//! <data_dir>/journal/*.seg              the journal [journal]
+//! ```
+//!
+//! The sled database holds the outbox and the store's identity, split into trees by owner
+//! (`journal`, `dedup` and `snapshot` are what builds before 0.2 wrote there: read once,
+//! when moving them out, never written):
 //!
 //! ```text
 //! tree         key                          value
@@ -21,11 +32,15 @@
 //!
 //! # Invariants
 //!
-//! - **Nothing is durable until [`Store::flush`] returns `Ok`.** sled's background flusher is
-//!   turned off (`flush_every_ms = None`): every fsync is an explicit, counted decision of the
-//!   journal writer (group commit) or of shutdown, which keeps SD-card wear proportional to
-//!   commits, not to wall time. A flush is database-wide, so one flush makes the journal,
-//!   the outbox and the snapshot durable together.
+//! - **Nothing in sled is durable until [`Store::flush`] returns `Ok`.** sled's background
+//!   flusher is turned off (`flush_every_ms = None`): every fsync is an explicit, counted
+//!   decision of the snapshot ([`Store::save_snapshot`] flushes first), the outbox's own
+//!   checkpoints or shutdown, which keeps SD-card wear proportional to snapshots, not to
+//!   wall time. What the outbox lost in a crash since then is derived again from the journal
+//!   by the replay after the snapshot (same seqs, same ids).
+//! - **A snapshot covers only durable outbox records.** [`Store::save_snapshot`] flushes
+//!   sled before it replaces the snapshot file, so every record derived from the entries up
+//!   to the snapshot's position is on disk before the position is.
 //! - **The epoch never changes for the life of a store.** It is random and flushed before
 //!   `open` returns, so record ids (`<agent>:<epoch>:<lane>:<seq>`) stay unique even when a
 //!   store is quarantined and re-created and sequence numbers start again at 0.
@@ -93,6 +108,18 @@ const SNAPSHOT_VERSION: u8 = 1;
 /// Version byte + position.
 const SNAPSHOT_HEADER_LEN: usize = 1 + 8;
 
+/// The processor snapshot's file in the data directory.
+pub const SNAPSHOT_FILE: &str = "processor.snapshot";
+
+/// Where a new snapshot is written before it replaces the old one.
+const SNAPSHOT_TMP_FILE: &str = "processor.snapshot.tmp";
+
+/// Version byte of the snapshot file.
+const SNAPSHOT_FILE_VERSION: u8 = 2;
+
+/// `[version][crc32][position]` in front of the state.
+const SNAPSHOT_FILE_HEADER_LEN: usize = 1 + 4 + 8;
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -145,6 +172,17 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    /// A file of the store (snapshot) could not be read or written.
+    #[error("store: {context} {}", path.display())]
+    Io {
+        /// What the store was doing.
+        context: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS's report.
+        #[source]
+        source: std::io::Error,
+    },
     /// A stored value does not have the expected shape.
     #[error("store: corrupt {what}: {reason}")]
     Corrupt {
@@ -161,7 +199,9 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            StoreError::Sled { source: sled::Error::Io(_), .. } | StoreError::Unavailable { .. }
+            StoreError::Sled { source: sled::Error::Io(_), .. }
+                | StoreError::Unavailable { .. }
+                | StoreError::Io { .. }
         )
     }
 
@@ -348,19 +388,41 @@ impl Store {
         self.db.flush().map(drop).map_err(StoreError::sled("flush"))
     }
 
-    /// Stores processor state and the journal position it covers, in one key so that both
-    /// change atomically. Not durable until [`Store::flush`].
+    /// Stores processor state and the journal position it covers, durably: flushes sled
+    /// first (the outbox records the state covers), then replaces the snapshot file (a
+    /// temporary file, fsync, rename, fsync of the directory), so that position and state
+    /// change together and a crash leaves the old snapshot or the new one. Blocking.
     pub fn save_snapshot(&self, position: u64, state: &[u8]) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(SNAPSHOT_HEADER_LEN + state.len());
-        value.push(SNAPSHOT_VERSION);
+        self.flush()?;
+        let mut value = Vec::with_capacity(SNAPSHOT_FILE_HEADER_LEN + state.len());
+        value.push(SNAPSHOT_FILE_VERSION);
+        value.extend_from_slice(&[0; 4]);
         value.extend_from_slice(&position.to_be_bytes());
         value.extend_from_slice(state);
-        self.snapshot.insert(SNAPSHOT_KEY, value).map_err(StoreError::sled("save snapshot"))?;
+        let crc = crc32fast::hash(&value[5..]);
+        value[1..5].copy_from_slice(&crc.to_le_bytes());
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let tmp = self.dir.join(SNAPSHOT_TMP_FILE);
+        let io = |source| StoreError::Io { context: "save snapshot", path: path.clone(), source };
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        std::io::Write::write_all(&mut file, &value).map_err(io)?;
+        file.sync_data().map_err(io)?;
+        drop(file);
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(&self.dir).and_then(|dir| dir.sync_all()).map_err(io)?;
         Ok(())
     }
 
     /// The last saved snapshot: `(journal position, state)`, or `None` if none was saved.
+    /// Reads the snapshot file, or, in a store of an older build that has none yet, sled's
+    /// `snapshot` tree.
     pub fn load_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let path = self.dir.join(SNAPSHOT_FILE);
+        match std::fs::read(&path) {
+            Ok(value) => return decode_snapshot_file(&value).map(Some),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StoreError::Io { context: "load snapshot", path, source }),
+        }
         let Some(value) =
             self.snapshot.get(SNAPSHOT_KEY).map_err(StoreError::sled("load snapshot"))?
         else {
@@ -382,6 +444,23 @@ impl Store {
         position.copy_from_slice(&value[1..SNAPSHOT_HEADER_LEN]);
         Ok(Some((u64::from_be_bytes(position), value[SNAPSHOT_HEADER_LEN..].to_vec())))
     }
+}
+
+/// Decodes the snapshot file: `[version 2][crc32][position][state]`.
+fn decode_snapshot_file(value: &[u8]) -> Result<(u64, Vec<u8>), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { what: "snapshot", reason };
+    if value.len() < SNAPSHOT_FILE_HEADER_LEN {
+        return Err(corrupt(format!("{} bytes, shorter than its header", value.len())));
+    }
+    if value[0] != SNAPSHOT_FILE_VERSION {
+        return Err(corrupt(format!("unknown version {}", value[0])));
+    }
+    let crc = u32::from_le_bytes(value[1..5].try_into().unwrap_or_default());
+    if crc32fast::hash(&value[5..]) != crc {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let position = u64::from_be_bytes(value[5..13].try_into().unwrap_or_default());
+    Ok((position, value[SNAPSHOT_FILE_HEADER_LEN..].to_vec()))
 }
 
 /// A store that failed to open and was set aside; its data is not in this store.

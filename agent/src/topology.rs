@@ -98,7 +98,7 @@ pub async fn run_with_metrics(
             "the store was corrupted; it was moved aside and a fresh one was created"
         );
     }
-    let journal = journal::Journal::open(&store)?;
+    let journal = journal::Journal::open_with(&store, journal::segment_bytes(&config.journal))?;
     let reader = journal.reader();
     let api_reader = reader.clone();
     let recovered_through = journal.last_seq();
@@ -132,7 +132,6 @@ pub async fn run_with_metrics(
         failed.clone(),
         tokio::spawn(journal::run_writer(
             journal,
-            store.clone(),
             config.journal.clone(),
             ingest_rx,
             processor_tx,

@@ -3,8 +3,10 @@
 //! from the modules' documentation, compared after every step.
 //!
 //! - `the_journal_matches_its_model`: append, seal, flush (seal + flush), read, snapshot,
-//!   trim, clean restart and crash restart against a map of chunks (first seq -> entries)
-//!   and the unsealed buffer.
+//!   trim, clean restart and crash restart against a map of chunks (first seq -> entries),
+//!   the segment files they were written to and the unsealed buffer. The journal's files
+//!   hold whatever was sealed (written) when the copy is taken, so a crash there loses at
+//!   most the unsealed buffer; the model still accepts any state since the last flush.
 //! - `the_outbox_matches_its_model`: put (fresh and stale seqs, bursts over the byte cap),
 //!   peek, ack, dead-letter, expire, flush, clean restart (also with a lowered cap) and crash
 //!   restart against a map per lane, under three buffer configurations (cap only; cap and
@@ -65,8 +67,11 @@ const CACHE: u64 = 1024 * 1024;
 /// Version byte of outbox values (see the `outbox` module docs).
 const OUTBOX_VALUE_VERSION: u8 = 2;
 
-/// Version byte of journal chunk values (see the `journal` module docs).
+/// Version byte of journal chunks (see the `journal` module docs).
 const JOURNAL_VALUE_VERSION: u8 = 2;
+
+/// Segment size of the journal under test: a few chunks each, so that trims delete files.
+const SEGMENT_BYTES: u64 = 256;
 
 /// Cases of each property: `EDGEWISE_MODEL_CASES` or `default`.
 fn cases(default: u32) -> u32 {
@@ -149,7 +154,7 @@ enum JournalOp {
     Append(Entry),
     /// `seal`: the buffer becomes one chunk (not yet durable).
     Seal,
-    /// `seal`, then `Store::flush`, as the writer commits.
+    /// `seal`, then the journal sync, as the writer commits.
     Flush,
     /// `read_after(last_seq + 1 - back)`, saturating.
     ReadAfter { back: u8 },
@@ -207,6 +212,10 @@ fn journal_op() -> impl Strategy<Value = JournalOp> {
 struct JournalModel {
     /// Sealed chunks by the seq of their first entry.
     chunks: BTreeMap<u64, Vec<Entry>>,
+    /// Segment files by the seq of their first chunk: the firsts of their chunks.
+    segments: BTreeMap<u64, Vec<u64>>,
+    /// Chunks closed by `CHUNK_MAX_BYTES`, written at the next seal.
+    closed: Vec<(u64, Vec<Entry>)>,
     /// Appended, not sealed: seqs `last_seq - buffer.len() + 1 ..= last_seq`.
     buffer: Vec<Entry>,
     last_seq: u64,
@@ -243,34 +252,53 @@ impl JournalModel {
         let encoded = |e: &Entry| postcard::to_allocvec(e).unwrap().len();
         let buffered: usize = self.buffer.iter().map(encoded).sum();
         if !self.buffer.is_empty() && buffered + encoded(entry) > CHUNK_MAX_BYTES {
-            self.seal();
+            let first = self.last_seq + 1 - self.buffer.len() as u64;
+            self.closed.push((first, std::mem::take(&mut self.buffer)));
         }
         self.buffer.push(entry.clone());
         self.last_seq += 1;
         self.last_seq
     }
 
+    /// `seal`: the closed chunks and the buffer go to the last segment, or to a new one
+    /// (named by the seal's first seq) when there is none or the last has `SEGMENT_BYTES`.
     fn seal(&mut self) {
         if !self.buffer.is_empty() {
             let first = self.last_seq + 1 - self.buffer.len() as u64;
-            self.chunks.insert(first, std::mem::take(&mut self.buffer));
+            self.closed.push((first, std::mem::take(&mut self.buffer)));
+        }
+        let Some(&(first, _)) = self.closed.first() else { return };
+        let full = self.segments.values().next_back().is_none_or(|chunks| {
+            chunks.iter().map(|c| chunk_size(&self.chunks[c])).sum::<u64>() >= SEGMENT_BYTES
+        });
+        if full {
+            self.segments.insert(first, Vec::new());
+        }
+        let segment = self.segments.values_mut().next_back().unwrap();
+        for (first, entries) in self.closed.drain(..) {
+            segment.push(first);
+            self.chunks.insert(first, entries);
         }
     }
 
-    /// `trim` as documented: whole chunks whose last seq is <= the snapshot position, oldest
-    /// first, while their newest entry is older than the cutoff or while the journal is over
-    /// its byte cap; stops at the first that is neither. Returns the entries removed.
+    /// `trim` as documented: whole segments but the last, oldest first, whose entries are
+    /// all <= the snapshot position (the next segment starts after it), while their newest
+    /// entry is older than the cutoff or while the journal is over its byte cap; stops at
+    /// the first that is neither. Returns the entries removed.
     fn trim(&mut self, position: u64, cfg: &JournalConfig, now_ms: i64) -> u64 {
         let max_age_ms = i64::try_from(cfg.max_age.as_millis()).unwrap();
         let cutoff = now_ms.saturating_sub(max_age_ms);
         let mut bytes = self.bytes();
-        let mut doomed = Vec::new();
-        for (&first, entries) in &self.chunks {
-            if first + entries.len() as u64 - 1 > position {
+        let firsts: Vec<u64> = self.segments.keys().copied().collect();
+        let mut removed = 0;
+        for pair in firsts.windows(2) {
+            if pair[1] - 1 > position {
                 break;
             }
-            let newest = entries
+            let chunks = &self.segments[&pair[0]];
+            let newest = chunks
                 .iter()
+                .flat_map(|c| &self.chunks[c])
                 .map(|entry| match entry {
                     Entry::Event(event) => event.received_ms,
                     Entry::Tick { now_ms } => *now_ms,
@@ -280,15 +308,19 @@ impl JournalModel {
             if newest >= cutoff && bytes <= cfg.max_bytes.bytes() {
                 break;
             }
-            bytes -= chunk_size(entries);
-            doomed.push(first);
+            for first in self.segments.remove(&pair[0]).unwrap() {
+                let entries = self.chunks.remove(&first).unwrap();
+                bytes -= chunk_size(&entries);
+                removed += entries.len() as u64;
+            }
         }
-        doomed.iter().map(|first| self.chunks.remove(first).unwrap().len() as u64).sum()
+        removed
     }
 
     /// Dropping the journal loses the unsealed buffer.
     fn drop_buffer(&mut self) {
         self.buffer.clear();
+        self.closed.clear();
         self.last_seq = self.last_seq_at_open();
     }
 
@@ -302,10 +334,11 @@ impl JournalModel {
     }
 }
 
-/// Key (u64) + version byte + postcard of the chunk's entries.
+/// Record header (length, crc32) + body header (first seq, key count) + version byte +
+/// postcard of the chunk's entries.
 fn chunk_size(entries: &[Entry]) -> u64 {
     debug_assert_eq!(JOURNAL_VALUE_VERSION, 2, "one version byte");
-    (8 + 1 + postcard::to_allocvec(entries).unwrap().len()) as u64
+    (8 + 12 + 1 + postcard::to_allocvec(entries).unwrap().len()) as u64
 }
 
 /// The journal under test and its store.
@@ -319,7 +352,7 @@ struct JournalRig {
 impl JournalRig {
     fn open(dirs: Dirs) -> JournalRig {
         let store = open_store(&dirs.current());
-        let journal = Journal::open(&store).unwrap();
+        let journal = Journal::open_with(&store, SEGMENT_BYTES).unwrap();
         let reader = journal.reader();
         JournalRig { dirs, store, journal, reader }
     }
@@ -360,8 +393,14 @@ impl JournalRig {
 /// disagreement.
 fn run_journal(ops: &[JournalOp]) -> Result<(), TestCaseError> {
     let mut rig = JournalRig::open(Dirs::new());
-    let mut model =
-        JournalModel { chunks: BTreeMap::new(), buffer: Vec::new(), last_seq: 0, snapshot: None };
+    let mut model = JournalModel {
+        chunks: BTreeMap::new(),
+        segments: BTreeMap::new(),
+        closed: Vec::new(),
+        buffer: Vec::new(),
+        last_seq: 0,
+        snapshot: None,
+    };
     // States since the last flush, oldest (the flushed one) first: a crash recovers one.
     let mut since_flush = vec![model.clone()];
     // Every (seq, entry) made durable by a flush: a seq is never reused for other content.
@@ -380,9 +419,8 @@ fn run_journal(ops: &[JournalOp]) -> Result<(), TestCaseError> {
                 model.seal();
             }
             JournalOp::Flush => {
-                rig.journal.seal().unwrap();
+                rig.journal.commit().unwrap();
                 model.seal();
-                rig.store.flush().unwrap();
                 durable.extend(model.entries());
                 since_flush.clear();
             }
