@@ -854,7 +854,21 @@ fn scan(
                         let newest = chunk.entries.iter().map(entry_time_ms).max();
                         segment.newest_ms = segment.newest_ms.max(newest);
                     }
-                    Err(error) => tracing::warn!(%error, "a journal record does not decode"),
+                    Err(error) => {
+                        // Its seqs must not be given again: count them from the chunk's
+                        // length prefix if that much is readable, else from its first seq.
+                        let n = match body.chunk().split_first() {
+                            Some((_, rest)) => {
+                                postcard::take_from_bytes::<u64>(rest).map_or(1, |(n, _)| n.max(1))
+                            }
+                            None => 0,
+                        };
+                        if n > 0 {
+                            let last = body.first().saturating_add(n - 1);
+                            segment.last = segment.last.max(Some(last));
+                        }
+                        tracing::warn!(%error, "a journal record does not decode");
+                    }
                 }
             }
             Next::End => break,
@@ -1490,6 +1504,29 @@ mod tests {
             // Back to the three entries for the next tail.
             OpenOptions::new().write(true).open(&path).unwrap().set_len(bytes).unwrap();
         }
+    }
+
+    #[test]
+    fn the_seqs_of_a_last_record_that_does_not_decode_are_not_given_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
+        let mut journal = Journal::open(&store).unwrap();
+        for now_ms in 1..=3 {
+            journal.append(&Entry::Tick { now_ms }).unwrap();
+        }
+        journal.commit().unwrap();
+        drop(journal);
+        // A whole record (its checksum matches) of a version this build does not know,
+        // holding two entries (4 and 5) by its length prefix.
+        let path = segment_files(&store).pop().unwrap();
+        let mut record = Vec::new();
+        segment::encode(&mut record, 4, &[], &[9, 2, 0xAA, 0xBB]);
+        OpenOptions::new().append(true).open(&path).unwrap().write_all(&record).unwrap();
+        let mut journal = Journal::open(&store).unwrap();
+        assert_eq!(journal.last_seq(), 5);
+        let items: Vec<_> = journal.reader().read_after(3).collect();
+        assert!(matches!(items[..], [Err(JournalError::Corrupt { seq: 4, .. })]), "{items:?}");
+        assert_eq!(journal.append(&Entry::Tick { now_ms: 6 }).unwrap(), 6);
     }
 
     #[test]
