@@ -1470,19 +1470,25 @@ mod tests {
         segment::list(&store.dir().join(JOURNAL_DIR)).unwrap().into_iter().map(|(_, p)| p).collect()
     }
 
-    #[test]
-    fn a_torn_tail_is_cut_at_open_and_appends_go_on_after_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = open_store(&tmp);
-        let mut journal = Journal::open(&store).unwrap();
+    /// Commits ticks 1..=3 to a fresh journal of `store` and closes it; returns its one
+    /// segment file and the journal's bytes.
+    fn three_ticks(store: &Store) -> (PathBuf, u64) {
+        let mut journal = Journal::open(store).unwrap();
         for now_ms in 1..=3 {
             journal.append(&Entry::Tick { now_ms }).unwrap();
         }
         journal.commit().unwrap();
         let bytes = journal.reader().bytes();
         drop(journal);
+        (segment_files(store).pop().unwrap(), bytes)
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_open_and_appends_go_on_after_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_store(&tmp);
         // A power cut in the middle of the next record: half of it, or zeroes.
-        let path = segment_files(&store).pop().unwrap();
+        let (path, bytes) = three_ticks(&store);
         let mut torn = Vec::new();
         segment::encode(
             &mut torn,
@@ -1510,15 +1516,9 @@ mod tests {
     fn the_seqs_of_a_last_record_that_does_not_decode_are_not_given_again() {
         let tmp = tempfile::tempdir().unwrap();
         let store = open_store(&tmp);
-        let mut journal = Journal::open(&store).unwrap();
-        for now_ms in 1..=3 {
-            journal.append(&Entry::Tick { now_ms }).unwrap();
-        }
-        journal.commit().unwrap();
-        drop(journal);
+        let (path, _) = three_ticks(&store);
         // A whole record (its checksum matches) of a version this build does not know,
         // holding two entries (4 and 5) by its length prefix.
-        let path = segment_files(&store).pop().unwrap();
         let mut record = Vec::new();
         segment::encode(&mut record, 4, &[], &[9, 2, 0xAA, 0xBB]);
         OpenOptions::new().append(true).open(&path).unwrap().write_all(&record).unwrap();
