@@ -10,14 +10,19 @@
 #
 # Environment: EDGEWISE_BIN (default target/release/edgewise, built when missing),
 # RSS_CASES (default "100 1000 10000 backlog"), RSS_EXTRA_TOML (appended to each case's config,
-# e.g. '[storage]\ncache_capacity = "4 MiB"' to compare settings), RSS_ENV (extra environment
-# for the agent, e.g. "MALLOC_ARENA_MAX=2" as the systemd unit sets it).
+# e.g. '[storage]\ncache_capacity = "4 MiB"' to compare settings), RSS_ENV (the agent's extra
+# environment; unset: the systemd unit's Environment= from packaging/edgewise.service, the
+# malloc tuning a Pi runs with; RSS_ENV= (empty) measures glibc's defaults).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-90}"
 bin="${EDGEWISE_BIN:-target/release/edgewise}"
 if [ ! -x "$bin" ]; then cargo build --release -p edgewise; fi
 work="$(mktemp -d)"
+if [ -z "${RSS_ENV+set}" ]; then
+  RSS_ENV="$(sed -n 's/^Environment=//p' packaging/edgewise.service)"
+fi
+echo "rss.sh: agent environment: ${RSS_ENV:-(glibc defaults)}" >&2
 trap 'rm -rf "$work"' EXIT
 
 run_case() {

@@ -865,6 +865,11 @@ fn catch_up(
     Ok(applied)
 }
 
+/// Outputs kept allocated between entries by [`write`]: a window close at 10,000 series
+/// makes 10,000 records at once (~3.5 MB of `Output`s); keeping that capacity would hold it
+/// for good.
+const OUT_RETAINED: usize = 256;
+
 /// Writes and drains `out`. A seq the outbox already holds was written by the run that
 /// crashed after it; replay regenerated the same record, so skipping it is right.
 fn write(
@@ -884,6 +889,7 @@ fn write(
             debug!(lane = lane.as_str(), seq, "record already in the outbox");
         }
     }
+    out.shrink_to(OUT_RETAINED);
     Ok(())
 }
 

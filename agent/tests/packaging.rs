@@ -72,6 +72,9 @@ fn the_unit_runs_the_installed_configuration_under_systemd_supervision() {
         assert!(devices.iter().any(|d| d == tty), "DeviceAllow={tty} missing: {devices:?}");
     }
     assert_eq!(one(&unit, "SupplementaryGroups"), "dialout");
+    // The memory figures in BENCHMARKS.md were measured with this malloc tuning.
+    let environment: Vec<&str> = one(&unit, "Environment").split_whitespace().collect();
+    assert_eq!(environment, ["MALLOC_ARENA_MAX=2", "MALLOC_MMAP_THRESHOLD_=131072"]);
 }
 
 /// The store must be writable, and so must its sibling `<data_dir>.corrupt-*` where a store
