@@ -26,6 +26,13 @@ use sensors::reading::{ChannelReading, FaultCode, Quality, Unit};
 use sensors::record::{Alert, AlertState, Batch, Gap, Lane, Record, RecordBody, Severity, Summary};
 use sensors::wire::{self, Compression, Format};
 
+/// The last year `humantime` can represent on this target (see
+/// `valid_rfc3339_timestamps_parse_to_their_instant`).
+#[cfg(target_pointer_width = "64")]
+const MAX_ORACLE_YEAR: i64 = 9999;
+#[cfg(not(target_pointer_width = "64"))]
+const MAX_ORACLE_YEAR: i64 = 2037;
+
 /// 9999-12-31T23:59:59.999Z in ms: the decoders' documented latest timestamp.
 const MAX_TS_MS: i64 = 253_402_300_799_999;
 
@@ -155,9 +162,12 @@ proptest! {
     }
 
     /// Valid UTC timestamps parse to what `humantime` (an independent parser) makes of them.
+    /// humantime returns a `SystemTime`, which on 32-bit ARM (armv7, a 32-bit `time_t`) ends
+    /// in January 2038: there the years stop at 2037 (our parser works in `i64` ms on every
+    /// target; `timestamps_at_the_ends_of_i64_neither_panic_nor_storm` covers the far future).
     #[test]
     fn valid_rfc3339_timestamps_parse_to_their_instant(
-        (year, month, day) in (1970i64..=9999, 1i64..=12, 1i64..=28),
+        (year, month, day) in (1970i64..=MAX_ORACLE_YEAR, 1i64..=12, 1i64..=28),
         (hour, minute, second, ms) in (0i64..24, 0i64..60, 0i64..60, 0i64..1000),
     ) {
         let text = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{ms:03}Z");
@@ -165,6 +175,17 @@ proptest! {
         let reference_ms = reference.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
         prop_assert_eq!(parse_rfc3339_ms(&text), Ok(reference_ms as i64), "{}", text);
     }
+}
+
+/// The ends of the accepted range, on every target (the property above stops at 2037 on
+/// 32-bit ARM, where its oracle does): values computed independently of both parsers.
+#[test]
+fn rfc3339_timestamps_at_the_ends_of_the_range_parse_on_every_target() {
+    assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00.000Z"), Ok(0));
+    // 2038-01-19T03:14:08Z is 2^31 s: the first second a 32-bit time_t cannot hold.
+    assert_eq!(parse_rfc3339_ms("2038-01-19T03:14:08.000Z"), Ok((1i64 << 31) * 1000));
+    // `date -u -d 9999-12-31T23:59:59Z +%s` prints 253402300799.
+    assert_eq!(parse_rfc3339_ms("9999-12-31T23:59:59.999Z"), Ok(253_402_300_799_999));
 }
 
 // ---- serial frames ----
