@@ -38,6 +38,9 @@ struct Args {
     rate: u64,
 }
 
+const USAGE: &str = "usage: edgewise-load [--messages N (100000)] [--series N (100)] \
+    [--qos 0|1 (1)] [--rate EVENTS_PER_S (0: as fast as the broker takes them)]";
+
 fn parse_args() -> Args {
     let mut args = Args { messages: 100_000, series: 100, qos: 1, rate: 0 };
     let mut it = std::env::args().skip(1);
@@ -48,8 +51,13 @@ fn parse_args() -> Args {
             "--series" => args.series = value().parse().expect("--series N"),
             "--qos" => args.qos = value().parse().expect("--qos 0|1"),
             "--rate" => args.rate = value().parse().expect("--rate EVENTS_PER_S"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             other => {
-                panic!("unknown argument {other}; use --messages N --series N --qos 0|1 --rate N")
+                eprintln!("edgewise-load: unknown argument {other}\n{USAGE}");
+                std::process::exit(2);
             }
         }
     }
