@@ -59,7 +59,8 @@ use sensors::wire::{self, Compression, Format};
 const START_MS: i64 = 1_717_999_200_000;
 /// Distinct payloads and topics cycled through by the per-event benchmarks.
 const INPUTS: usize = 1_000;
-/// The agent's default sled page cache (`[storage] cache_capacity`).
+/// sled's page cache in the outbox benchmarks: 16 MiB, as when their figures in
+/// BENCHMARKS.md were taken (the agent's default is 1 MiB since session 7).
 const CACHE_CAPACITY: u64 = 16 << 20;
 /// Summaries in the outbox of the `outbox/` group.
 const OUTBOX_RECORDS: u64 = 5_000;

@@ -122,9 +122,10 @@ fn default_shutdown_timeout() -> Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
-    /// sled's page cache. sled defaults to 1 GiB, far too much for a Pi. Default 4 MiB: the
-    /// agent reads little back (the outbox head, replay after a crash), and measurements at
-    /// 1,000 series showed no gain from more (BENCHMARKS.md, "Memory").
+    /// sled's page cache (only the outbox lives in sled). sled defaults to 1 GiB, far too much
+    /// for a Pi. Default 1 MiB: the agent reads little back (the outbox head), and sled fills
+    /// whatever it is given with the outbox's churn: after 10 minutes at 1,000 series the RSS
+    /// was 24.3 MB with 4 MiB and 20.1 MB with 1 MiB (BENCHMARKS.md, "Memory, session 7").
     #[serde(default = "default_cache_capacity")]
     pub cache_capacity: ByteSize,
 }
@@ -136,7 +137,7 @@ impl Default for StorageConfig {
 }
 
 fn default_cache_capacity() -> ByteSize {
-    ByteSize(4 * 1024 * 1024)
+    ByteSize(1024 * 1024)
 }
 
 /// `[journal]`
@@ -2296,7 +2297,7 @@ path = "out.jsonl"
     #[test]
     fn a_minimal_file_gets_pi_sized_defaults() {
         let c = load_str("t.toml", MINIMAL).unwrap();
-        assert_eq!(c.storage.cache_capacity, ByteSize(4 << 20));
+        assert_eq!(c.storage.cache_capacity, ByteSize(1 << 20));
         assert_eq!(c.buffer.max_bytes, ByteSize(64 << 20));
         assert_eq!(c.journal.max_bytes, ByteSize(8 << 20));
         assert_eq!(c.summary.window, Duration::from_secs(60));
