@@ -604,65 +604,37 @@ impl Outbox {
     /// mark, eviction above the cap; see the module doc) and wakes
     /// [`Outbox::wait_for_records`].
     pub fn put(&self, lane: Lane, seq: u64, body: RecordBody) -> Result<bool, OutboxError> {
-        self.put_many(lane, [(seq, body)]).map(|written| written == 1)
-    }
-
-    /// [`Outbox::put`] for several records of one lane, in increasing seq order, in ONE
-    /// `apply_batch` with one `next_seq` (a window close puts thousands of summaries: one
-    /// sled write each, and a `next_seq` rewrite each, made sled's log and cache churn);
-    /// then the policies, once. Seqs below `next_seq` are skipped (written by an earlier
-    /// run). Returns how many were written. Callers keep batches small (the cap is enforced
-    /// after the batch).
-    pub fn put_many(
-        &self,
-        lane: Lane,
-        records: impl IntoIterator<Item = (u64, RecordBody)>,
-    ) -> Result<usize, OutboxError> {
         let inner = &self.inner;
         let mut state = self.lock();
-        let mut next_seq = state.lane(lane).next_seq;
+        if seq < state.lane(lane).next_seq {
+            return Ok(false);
+        }
+        let id = match body {
+            RecordBody::Gap(_) => gap_id(&inner.agent, inner.epoch, lane, seq),
+            _ => record_id(&inner.agent, inner.epoch, lane, seq),
+        };
+        let record = Record { id, seq, body };
+        let value = encode_record(lane, &record)?;
+        let size = (RECORD_KEY_LEN + value.len()) as u64;
         let mut batch = sled::Batch::default();
-        let (mut written, mut size) = (0usize, 0u64);
-        let mut oldest = None;
-        for (seq, body) in records {
-            if seq < next_seq {
-                continue;
-            }
-            let id = match body {
-                RecordBody::Gap(_) => gap_id(&inner.agent, inner.epoch, lane, seq),
-                _ => record_id(&inner.agent, inner.epoch, lane, seq),
-            };
-            let record = Record { id, seq, body };
-            let value = encode_record(lane, &record)?;
-            size += (RECORD_KEY_LEN + value.len()) as u64;
-            batch.insert(&record_key(lane, seq), value);
-            if oldest.is_none() {
-                oldest = Some((seq, span(&record.body).map(|s| s.0)));
-            }
-            next_seq = seq + 1;
-            written += 1;
-        }
-        if written == 0 {
-            return Ok(0);
-        }
-        batch.insert(&next_seq_key(lane), &next_seq.to_be_bytes());
+        batch.insert(&record_key(lane, seq), value);
+        batch.insert(&next_seq_key(lane), &(seq + 1).to_be_bytes());
         inner.tree.apply_batch(batch).map_err(OutboxError::sled("put"))?;
         let lane_state = state.lane(lane);
-        lane_state.records += written as u64;
+        lane_state.records += 1;
         lane_state.bytes += size;
-        lane_state.next_seq = next_seq;
+        lane_state.next_seq = seq + 1;
         if lane_state.oldest.is_none() {
-            let (seq, ms) = oldest.expect("set with the first written record");
             lane_state.oldest = Some(seq);
-            lane_state.oldest_ms = ms;
+            lane_state.oldest_ms = span(&record.body).map(|s| s.0);
         }
-        state.puts_since_compaction = state.puts_since_compaction.saturating_add(written as u64);
+        state.puts_since_compaction = state.puts_since_compaction.saturating_add(1);
         let policed = self.police(&mut state);
         self.publish(&state);
         drop(state);
-        // Wake the forwarders even if a policy failed: the records are stored.
+        // Wake the forwarders even if a policy failed: the record is stored.
         inner.notify.notify_waiters();
-        policed.map(|()| written)
+        policed.map(|()| true)
     }
 
     /// The policies a put runs: expiry (when due), compaction (above the mark), eviction
@@ -1459,31 +1431,6 @@ mod tests {
         assert!(all(&outbox, Lane::Summaries).is_empty());
         assert!(outbox.put(Lane::Summaries, 2, summary(2)).unwrap());
         assert_eq!(seqs(&all(&outbox, Lane::Summaries)), vec![2]);
-    }
-
-    #[test]
-    fn put_many_writes_a_batch_skips_what_an_earlier_run_wrote_and_survives_a_reopen() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (store, outbox, _) = open(&tmp, BIG);
-        assert!(outbox.put(Lane::Summaries, 0, summary(0)).unwrap());
-        assert!(outbox.put(Lane::Summaries, 1, summary(1)).unwrap());
-        // A replay after a crash offers 0..=1 again with new ones: only 2..=4 are written.
-        let written =
-            outbox.put_many(Lane::Summaries, (0..5).map(|seq| (seq, summary(seq as i64)))).unwrap();
-        assert_eq!(written, 3);
-        assert_eq!(outbox.next_seq(Lane::Summaries), 5);
-        assert_eq!(outbox.stats().summaries.records, 5);
-        assert_eq!(outbox.put_many(Lane::Summaries, [(3, summary(3))]).unwrap(), 0);
-        let stored = all(&outbox, Lane::Summaries);
-        assert_eq!(seqs(&stored), vec![0, 1, 2, 3, 4]);
-        assert_eq!(stored[4].body, summary(4));
-        store.flush().unwrap();
-        drop((outbox, store));
-
-        let (_store, outbox, _) = open(&tmp, BIG);
-        assert_eq!(outbox.next_seq(Lane::Summaries), 5, "next_seq written with the batch");
-        assert_eq!(outbox.stats().summaries.records, 5);
-        assert_eq!(seqs(&all(&outbox, Lane::Summaries)), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]
