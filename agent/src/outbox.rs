@@ -156,6 +156,8 @@ pub const TTL_CLOCK_FLOOR_MS: i64 = 1_577_836_800_000;
 /// summaries at most): windows of one series merge when they lie this close in the lane,
 /// which covers gateways of up to a few thousand series.
 pub const COMPACT_SCAN_RECORDS: usize = 4096;
+/// Most writes (removes and merged records) in one `apply_batch` of a compaction pass.
+const COMPACT_BATCH_OPS: usize = 256;
 /// Puts between two compaction passes while the outbox is above its high-water mark: with
 /// [`COMPACT_SCAN_RECORDS`] reads per pass, compaction costs at most 32 reads per put.
 pub const COMPACT_EVERY_PUTS: u64 = 128;
@@ -604,37 +606,65 @@ impl Outbox {
     /// mark, eviction above the cap; see the module doc) and wakes
     /// [`Outbox::wait_for_records`].
     pub fn put(&self, lane: Lane, seq: u64, body: RecordBody) -> Result<bool, OutboxError> {
+        self.put_many(lane, [(seq, body)]).map(|written| written == 1)
+    }
+
+    /// [`Outbox::put`] for several records of one lane, in increasing seq order, in ONE
+    /// `apply_batch` with one `next_seq` (a window close puts thousands of summaries: one
+    /// sled write each, and a `next_seq` rewrite each, made sled's log and cache churn);
+    /// then the policies, once. Seqs below `next_seq` are skipped (written by an earlier
+    /// run). Returns how many were written. Callers keep batches small (the cap is enforced
+    /// after the batch).
+    pub fn put_many(
+        &self,
+        lane: Lane,
+        records: impl IntoIterator<Item = (u64, RecordBody)>,
+    ) -> Result<usize, OutboxError> {
         let inner = &self.inner;
         let mut state = self.lock();
-        if seq < state.lane(lane).next_seq {
-            return Ok(false);
-        }
-        let id = match body {
-            RecordBody::Gap(_) => gap_id(&inner.agent, inner.epoch, lane, seq),
-            _ => record_id(&inner.agent, inner.epoch, lane, seq),
-        };
-        let record = Record { id, seq, body };
-        let value = encode_record(lane, &record)?;
-        let size = (RECORD_KEY_LEN + value.len()) as u64;
+        let mut next_seq = state.lane(lane).next_seq;
         let mut batch = sled::Batch::default();
-        batch.insert(&record_key(lane, seq), value);
-        batch.insert(&next_seq_key(lane), &(seq + 1).to_be_bytes());
+        let (mut written, mut size) = (0usize, 0u64);
+        let mut oldest = None;
+        for (seq, body) in records {
+            if seq < next_seq {
+                continue;
+            }
+            let id = match body {
+                RecordBody::Gap(_) => gap_id(&inner.agent, inner.epoch, lane, seq),
+                _ => record_id(&inner.agent, inner.epoch, lane, seq),
+            };
+            let record = Record { id, seq, body };
+            let value = encode_record(lane, &record)?;
+            size += (RECORD_KEY_LEN + value.len()) as u64;
+            batch.insert(&record_key(lane, seq), value);
+            if oldest.is_none() {
+                oldest = Some((seq, span(&record.body).map(|s| s.0)));
+            }
+            next_seq = seq + 1;
+            written += 1;
+        }
+        if written == 0 {
+            return Ok(0);
+        }
+        batch.insert(&next_seq_key(lane), &next_seq.to_be_bytes());
         inner.tree.apply_batch(batch).map_err(OutboxError::sled("put"))?;
         let lane_state = state.lane(lane);
-        lane_state.records += 1;
+        lane_state.records += written as u64;
         lane_state.bytes += size;
-        lane_state.next_seq = seq + 1;
+        lane_state.next_seq = next_seq;
         if lane_state.oldest.is_none() {
+            let (seq, ms) = oldest.expect("set with the first written record");
             lane_state.oldest = Some(seq);
-            lane_state.oldest_ms = span(&record.body).map(|s| s.0);
+            lane_state.oldest_ms = ms;
         }
-        state.puts_since_compaction = state.puts_since_compaction.saturating_add(1);
+        state.puts_since_compaction = state.puts_since_compaction.saturating_add(written as u64);
         let policed = self.police(&mut state);
         self.publish(&state);
         drop(state);
-        // Wake the forwarders even if a policy failed: the record is stored.
+        // Wake the forwarders even if a policy failed: the records are stored.
         inner.notify.notify_waiters();
-        policed.map(|()| true)
+        policed.map(|()| written)
     }
 
     /// The policies a put runs: expiry (when due), compaction (above the mark), eviction
@@ -970,32 +1000,68 @@ impl Outbox {
         if merges.is_empty() {
             return Ok(0);
         }
-        let mut batch = sled::Batch::default();
+        // One `apply_batch` per run of merges of at most COMPACT_BATCH_OPS writes, not one for
+        // the whole pass: sled copies a node on every write of a batch and frees the copies
+        // only after the batch, so a pass of 4,096 records in one batch made a 10 MB peak,
+        // which stayed in the RSS (BENCHMARKS.md, "Memory, session 8"). A merge is never split.
         let (mut removed, mut records_in, mut bytes_in, mut bytes_out) = (0u64, 0u64, 0u64, 0u64);
-        for merge in &merges {
-            let first = merge.seqs[0];
-            let record = Record {
-                id: record_id(&inner.agent, inner.epoch, lane, first),
-                seq: first,
-                body: RecordBody::Summary(merge.summary.clone()),
-            };
-            let value = encode_record(lane, &record)?;
-            bytes_out += (RECORD_KEY_LEN + value.len()) as u64;
-            bytes_in += merge.bytes;
-            records_in += merge.seqs.len() as u64;
-            removed += merge.seqs.len() as u64 - 1;
-            for &seq in &merge.seqs[1..] {
-                batch.remove(&record_key(lane, seq));
+        let mut applied = Ok(());
+        let mut rest = merges.as_slice();
+        while !rest.is_empty() && applied.is_ok() {
+            let mut ops = 0;
+            let take = rest
+                .iter()
+                .position(|merge| {
+                    ops += merge.seqs.len();
+                    ops > COMPACT_BATCH_OPS
+                })
+                .unwrap_or(rest.len())
+                .max(1);
+            let (run, after) = rest.split_at(take);
+            rest = after;
+            let mut batch = sled::Batch::default();
+            let (mut run_removed, mut run_in, mut run_bytes_in, mut run_bytes_out) =
+                (0u64, 0u64, 0u64, 0u64);
+            for merge in run {
+                let first = merge.seqs[0];
+                let record = Record {
+                    id: record_id(&inner.agent, inner.epoch, lane, first),
+                    seq: first,
+                    body: RecordBody::Summary(merge.summary.clone()),
+                };
+                let value = match encode_record(lane, &record) {
+                    Ok(value) => value,
+                    Err(error) => {
+                        applied = Err(error);
+                        break;
+                    }
+                };
+                run_bytes_out += (RECORD_KEY_LEN + value.len()) as u64;
+                run_bytes_in += merge.bytes;
+                run_in += merge.seqs.len() as u64;
+                run_removed += merge.seqs.len() as u64 - 1;
+                for &seq in &merge.seqs[1..] {
+                    batch.remove(&record_key(lane, seq));
+                }
+                batch.insert(&record_key(lane, first), value);
             }
-            batch.insert(&record_key(lane, first), value);
+            if applied.is_ok() {
+                applied = inner.tree.apply_batch(batch).map_err(OutboxError::sled("compact"));
+            }
+            if applied.is_ok() {
+                removed += run_removed;
+                records_in += run_in;
+                bytes_in += run_bytes_in;
+                bytes_out += run_bytes_out;
+            }
         }
-        inner.tree.apply_batch(batch).map_err(OutboxError::sled("compact"))?;
         let lane_state = state.lane(lane);
         lane_state.records -= removed;
         lane_state.bytes = lane_state.bytes + bytes_out - bytes_in;
         if merges.iter().any(|m| Some(m.seqs[0]) == lane_state.oldest) {
             self.refresh_oldest(state, lane)?;
         }
+        applied?;
         let records_out = merges.len() as u64;
         state.compacted_in += records_in;
         state.compacted_out += records_out;
@@ -1431,6 +1497,31 @@ mod tests {
         assert!(all(&outbox, Lane::Summaries).is_empty());
         assert!(outbox.put(Lane::Summaries, 2, summary(2)).unwrap());
         assert_eq!(seqs(&all(&outbox, Lane::Summaries)), vec![2]);
+    }
+
+    #[test]
+    fn put_many_writes_a_batch_skips_what_an_earlier_run_wrote_and_survives_a_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, outbox, _) = open(&tmp, BIG);
+        assert!(outbox.put(Lane::Summaries, 0, summary(0)).unwrap());
+        assert!(outbox.put(Lane::Summaries, 1, summary(1)).unwrap());
+        // A replay after a crash offers 0..=1 again with new ones: only 2..=4 are written.
+        let written =
+            outbox.put_many(Lane::Summaries, (0..5).map(|seq| (seq, summary(seq as i64)))).unwrap();
+        assert_eq!(written, 3);
+        assert_eq!(outbox.next_seq(Lane::Summaries), 5);
+        assert_eq!(outbox.stats().summaries.records, 5);
+        assert_eq!(outbox.put_many(Lane::Summaries, [(3, summary(3))]).unwrap(), 0);
+        let stored = all(&outbox, Lane::Summaries);
+        assert_eq!(seqs(&stored), vec![0, 1, 2, 3, 4]);
+        assert_eq!(stored[4].body, summary(4));
+        store.flush().unwrap();
+        drop((outbox, store));
+
+        let (_store, outbox, _) = open(&tmp, BIG);
+        assert_eq!(outbox.next_seq(Lane::Summaries), 5, "next_seq written with the batch");
+        assert_eq!(outbox.stats().summaries.records, 5);
+        assert_eq!(seqs(&all(&outbox, Lane::Summaries)), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]
@@ -2012,6 +2103,39 @@ mod tests {
         assert_counters_match(&store, &outbox);
         // A second pass finds nothing more to merge.
         assert_eq!(outbox.compact(&mut outbox.lock()).unwrap(), 0);
+    }
+
+    /// A pass that merges more records than one `apply_batch` takes ([`COMPACT_BATCH_OPS`])
+    /// writes them in several batches, never splitting a merge: the result is the same as in
+    /// one, and survives a reopen.
+    #[test]
+    fn a_large_compaction_pass_is_written_in_several_batches_with_the_same_result() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, outbox, _) = open_with(&tmp, &compacting(BIG, Duration::from_secs(100)));
+        // Five series, 200 windows of 1 s each: ten merges of 100 records, 1,000 removes.
+        let mut seq = 0;
+        for w in 0..200i64 {
+            for s in 0..5 {
+                let body = summary_of(&format!("s-{s}"), 1_000_000 + w * 1_000, 3);
+                outbox.put(Lane::Summaries, seq, body).unwrap();
+                seq += 1;
+            }
+        }
+        const { assert!(1_000 > 3 * COMPACT_BATCH_OPS, "the pass needs several batches") };
+        let removed = outbox.compact(&mut outbox.lock()).unwrap();
+        assert_eq!(removed, 1_000 - 10);
+        let lane = all(&outbox, Lane::Summaries);
+        assert_eq!(seqs(&lane), vec![0, 1, 2, 3, 4, 500, 501, 502, 503, 504]);
+        assert_eq!(lane.iter().map(events_of).sum::<u64>(), 1_000 * 3);
+        assert!(lane.iter().all(|r| summary_in(r).windows == 100));
+        assert_eq!((outbox.stats().compacted_in, outbox.stats().compacted_out), (1_000, 10));
+        assert_counters_match(&store, &outbox);
+        store.flush().unwrap();
+        drop((outbox, store));
+
+        let (store, outbox, _) = open_with(&tmp, &compacting(BIG, Duration::from_secs(100)));
+        assert_eq!(seqs(&all(&outbox, Lane::Summaries)).len(), 10);
+        assert_counters_match(&store, &outbox);
     }
 
     #[test]

@@ -81,11 +81,13 @@ fn an_outage_into_edgewise_collect_accounts_for_every_event_in_its_output() {
     });
     assert!(subscribed, "{client_id} did not subscribe; broker log:\n{}", broker.log());
 
-    // 20 series, four readings a second each, for 7 s; nobody listens upstream.
+    // 20 series, four readings a second each, for 11 s; nobody listens upstream. Compaction
+    // runs every `COMPACT_EVERY_PUTS` (128) records put while above the mark, and the
+    // forwarder holds the first batch: 11 s (~220 summaries) leaves room for two runs.
     let publisher = Publisher::connect(broker.port(), "collect-pub");
     let mut published = 0u64;
     let mut last_ts = 0;
-    for round in 0..28 {
+    for round in 0..44 {
         let ts = (now_ms() + 300).max(last_ts + 1);
         last_ts = ts;
         let readings: Vec<Reading> = (0..20)
