@@ -11,18 +11,15 @@
 # Environment: EDGEWISE_BIN (default target/release/edgewise, built when missing),
 # RSS_CASES (default "100 1000 10000 backlog"), RSS_EXTRA_TOML (appended to each case's config,
 # e.g. '[storage]\ncache_capacity = "4 MiB"' to compare settings), RSS_ENV (the agent's extra
-# environment; unset: the systemd unit's Environment= from packaging/edgewise.service, the
-# malloc tuning a Pi runs with; RSS_ENV= (empty) measures glibc's defaults).
+# environment, NAME=VALUE words; the agent tunes glibc's malloc itself, as it runs everywhere:
+# RSS_ENV=EDGEWISE_MALLOC=default measures glibc's defaults).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-90}"
 bin="${EDGEWISE_BIN:-target/release/edgewise}"
 if [ ! -x "$bin" ]; then cargo build --release -p edgewise; fi
 work="$(mktemp -d)"
-if [ -z "${RSS_ENV+set}" ]; then
-  RSS_ENV="$(sed -n 's/^Environment=//p' packaging/edgewise.service)"
-fi
-echo "rss.sh: agent environment: ${RSS_ENV:-(glibc defaults)}" >&2
+echo "rss.sh: agent environment: ${RSS_ENV:-(none: the malloc tuning of the agent itself)}" >&2
 trap 'rm -rf "$work"' EXIT
 
 run_case() {

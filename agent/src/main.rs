@@ -172,7 +172,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config, exit_after } => {
+            malloc::tune_or_continue();
             init_logging();
+            malloc::log();
             let loaded = match &config {
                 Some(path) => config::load_with_warnings(path, config::Purpose::Run),
                 None => {
@@ -487,6 +489,75 @@ fn upstream_kind(c: &Config) -> String {
 fn config_error(errors: &ConfigErrors) -> ExitCode {
     eprintln!("{errors}");
     ExitCode::from(2)
+}
+
+/// glibc's malloc, tuned for a long-running agent in a few MB (BENCHMARKS.md, "Memory,
+/// session 7" and "session 8"): two arenas instead of eight per core, and a fixed mmap
+/// threshold, so that large blocks (sled's 512 KiB I/O buffers, a window close's outputs) get
+/// their own mappings, returned on free, instead of fragmenting the heap once glibc's dynamic
+/// threshold has grown past them (10,000 series: 86 MB with glibc's defaults, 47 MB tuned).
+///
+/// glibc reads these settings from the environment at startup only, and setting them from
+/// inside needs `mallopt` (unsafe FFI). So `edgewise run` re-executes itself once with them
+/// (same PID, same arguments: systemd and supervisors see one process) unless the environment
+/// already says something about malloc: any of the variables set (the systemd unit sets them
+/// too), `GLIBC_TUNABLES`, or `EDGEWISE_MALLOC=default` to keep glibc's defaults.
+mod malloc {
+    /// The tuning, as `NAME=VALUE` pairs (also the systemd unit's `Environment=`).
+    pub const TUNING: [(&str, &str); 2] =
+        [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "131072")];
+
+    /// Whether the environment already decides about malloc.
+    fn decided() -> bool {
+        TUNING.iter().any(|(name, _)| std::env::var_os(name).is_some())
+            || std::env::var_os("GLIBC_TUNABLES").is_some()
+            || std::env::var_os("EDGEWISE_MALLOC").is_some()
+    }
+
+    /// Re-executes the agent with [`TUNING`] unless the environment decided already; returns
+    /// (with a warning) only if that is impossible, and the agent runs with glibc's defaults.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pub fn tune_or_continue() {
+        use std::os::unix::process::CommandExt;
+        if decided() {
+            return;
+        }
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(error) => {
+                eprintln!("edgewise: malloc tuning skipped: cannot find my executable: {error}");
+                return;
+            }
+        };
+        let mut args = std::env::args_os();
+        let mut command = std::process::Command::new(&exe);
+        if let Some(arg0) = args.next() {
+            command.arg0(arg0);
+        }
+        let error = command.args(args).envs(TUNING).exec();
+        eprintln!(
+            "edgewise: malloc tuning skipped: cannot re-execute {}: {error}; running with glibc's \
+             defaults (set EDGEWISE_MALLOC=default to skip the attempt)",
+            exe.display()
+        );
+    }
+
+    /// Other C libraries (musl) ignore these variables: nothing to do.
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    pub fn tune_or_continue() {}
+
+    /// Logs what malloc runs with.
+    pub fn log() {
+        let tuned: Vec<String> = TUNING
+            .iter()
+            .filter_map(|(name, _)| std::env::var(name).ok().map(|value| format!("{name}={value}")))
+            .collect();
+        if tuned.is_empty() {
+            tracing::info!("malloc: not tuned by edgewise (EDGEWISE_MALLOC or GLIBC_TUNABLES set)");
+        } else {
+            tracing::info!(tuning = %tuned.join(" "), "malloc tuned");
+        }
+    }
 }
 
 fn init_logging() {

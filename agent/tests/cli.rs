@@ -146,3 +146,51 @@ path = "out.jsonl"
         "{stderr}"
     );
 }
+
+/// `edgewise run` re-executes itself once with glibc's malloc tuned (the same PID: a
+/// supervisor sees one process), unless the environment decides already.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn run_tunes_glibc_malloc_in_the_same_process_unless_told_not_to() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = edgewise()
+        .args(["run", "--exit-after", "60s"])
+        .current_dir(dir.path())
+        .env_remove("MALLOC_ARENA_MAX")
+        .env_remove("MALLOC_MMAP_THRESHOLD_")
+        .env_remove("GLIBC_TUNABLES")
+        .env_remove("EDGEWISE_MALLOC")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let environ = format!("/proc/{}/environ", child.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let tuned = loop {
+        let vars = std::fs::read(&environ).unwrap_or_default();
+        let vars: Vec<&[u8]> = vars.split(|b| *b == 0).collect();
+        if vars.contains(&&b"MALLOC_ARENA_MAX=2"[..]) {
+            break vars.contains(&&b"MALLOC_MMAP_THRESHOLD_=131072"[..]);
+        }
+        assert!(Instant::now() < deadline, "{environ} never showed the malloc tuning");
+        assert!(child.try_wait().unwrap().is_none(), "the agent exited");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(tuned, "both settings, in the process the supervisor started");
+
+    let out = edgewise()
+        .args(["run", "--exit-after", "1s"])
+        .current_dir(dir.path())
+        .env("EDGEWISE_MALLOC", "default")
+        .env_remove("MALLOC_ARENA_MAX")
+        .env_remove("MALLOC_MMAP_THRESHOLD_")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("malloc: not tuned by edgewise"), "{log}");
+    assert!(!log.contains("malloc tuned"), "{log}");
+}
