@@ -1056,6 +1056,9 @@ impl Pending {
     }
 }
 
+/// Most messages the writer takes from its channel at once.
+const RECEIVE_RUN: usize = 256;
+
 /// [`run_writer`] with the sync injected, so tests can make it fail.
 async fn run_writer_with<F>(
     mut journal: Journal,
@@ -1076,7 +1079,9 @@ where
     // After a long flush stall one tick is enough; a burst of catch-up ticks says nothing new.
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut pending = Pending::default();
-    let mut buf = Vec::with_capacity(max_items);
+    // Received in runs of at most RECEIVE_RUN (a commit still gathers up to `max_items`): a
+    // buffer of `commit_max_entries` items (4,096 x ~150 B) stayed allocated for good.
+    let mut buf = Vec::with_capacity(RECEIVE_RUN.min(max_items));
     let mut last_commit: Option<Instant> = None;
     let mut open = true;
 
@@ -1092,7 +1097,7 @@ where
             return Ok(());
         }
         tokio::select! {
-            received = rx.recv_many(&mut buf, max_items - pending.items) => {
+            received = rx.recv_many(&mut buf, (max_items - pending.items).min(RECEIVE_RUN)) => {
                 if received == 0 {
                     open = false;
                 }
