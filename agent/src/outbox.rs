@@ -662,6 +662,7 @@ impl Outbox {
         let policed = self.police(&mut state);
         self.publish(&state);
         drop(state);
+        crate::store::release_deferred();
         // Wake the forwarders even if a policy failed: the records are stored.
         inner.notify.notify_waiters();
         policed.map(|()| written)
@@ -773,6 +774,7 @@ impl Outbox {
         let refreshed = self.refresh_oldest(&mut state, lane);
         self.publish(&state);
         drop(state);
+        crate::store::release_deferred();
         let mut mark = self.inner.sent_mark.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(error) = mark.acknowledged(lane, acknowledged) {
             // A safety net only (it detects a rolled-back store): the delivery stands.

@@ -72,6 +72,13 @@ use std::path::{Path, PathBuf};
 
 use sensors::record::{Alert, AlertState, Gap, Lane, RecordBody, Severity};
 
+/// Hands the calling thread's deferred frees (sled's replaced nodes and sealed log buffers) to
+/// crossbeam-epoch's global queue, where the next collection frees them; see [`Store::flush`].
+/// Cheap when the bag is empty.
+pub fn release_deferred() {
+    crossbeam_epoch::pin().flush();
+}
+
 /// Names of the trees, so that every module opens the same ones.
 pub const TREE_META: &str = "meta";
 /// The event journal (see [`crate::journal`]).
@@ -393,7 +400,7 @@ impl Store {
     /// RSS grew by a segment per flush (BENCHMARKS.md, "Memory, session 8").
     pub fn flush(&self) -> Result<(), StoreError> {
         let flushed = self.db.flush().map(drop).map_err(StoreError::sled("flush"));
-        crossbeam_epoch::pin().flush();
+        release_deferred();
         flushed
     }
 
