@@ -56,6 +56,12 @@ pub mod topology;
 
 pub use topology::run;
 
+/// glibc's malloc tuning of the agent, as `(NAME, VALUE)` environment variables: `edgewise run`
+/// re-executes itself with them (see `main.rs`), and the systemd unit sets the same in its
+/// `Environment=` (agent/tests/packaging.rs checks that the two agree).
+pub const MALLOC_TUNING: [(&str, &str); 2] =
+    [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "131072")];
+
 /// An error and its sources on one line, `outer: cause: root cause`: what logs and the CLI
 /// print, since reqwest, hyper and rustls put the useful part in the sources.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

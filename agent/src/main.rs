@@ -503,9 +503,7 @@ fn config_error(errors: &ConfigErrors) -> ExitCode {
 /// already says something about malloc: any of the variables set (the systemd unit sets them
 /// too), `GLIBC_TUNABLES`, or `EDGEWISE_MALLOC=default` to keep glibc's defaults.
 mod malloc {
-    /// The tuning, as `NAME=VALUE` pairs (also the systemd unit's `Environment=`).
-    pub const TUNING: [(&str, &str); 2] =
-        [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "131072")];
+    use edgewise::MALLOC_TUNING as TUNING;
 
     /// Whether the environment already decides about malloc.
     fn decided() -> bool {

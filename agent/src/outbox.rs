@@ -469,6 +469,33 @@ fn write_rollback_gap(
     Ok(())
 }
 
+/// The outbox's state, locked. Every outbox operation changes or reads sled under it, and sled
+/// frees what it replaces (nodes, sealed log buffers) through crossbeam-epoch's thread-local
+/// bags, handed on only after 64 entries: a thread that works the outbox now and then (tokio's
+/// workers) hoarded them. Unlocking hands them on ([`crate::store::release_deferred`]), after
+/// the mutex is released (BENCHMARKS.md, "Memory, session 8").
+struct Locked<'a>(Option<MutexGuard<'a, State>>);
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.0.as_ref().expect("locked until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.0.as_mut().expect("locked until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        drop(self.0.take());
+        crate::store::release_deferred();
+    }
+}
+
 impl Outbox {
     /// Opens the outbox trees of `store`, counting records and bytes per lane, and enforces
     /// the byte cap at once (it may have been lowered since the last run).
@@ -550,10 +577,10 @@ impl Outbox {
         Ok(outbox)
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> Locked<'_> {
         // A panic while holding the lock cannot leave the tree half-written (each change is
         // one apply_batch), so the state is still usable.
-        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        Locked(Some(self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())))
     }
 
     /// What upstream acknowledged, as far as the sent mark knows (see [`crate::sentmark`]).
@@ -662,7 +689,6 @@ impl Outbox {
         let policed = self.police(&mut state);
         self.publish(&state);
         drop(state);
-        crate::store::release_deferred();
         // Wake the forwarders even if a policy failed: the records are stored.
         inner.notify.notify_waiters();
         policed.map(|()| written)
@@ -774,7 +800,6 @@ impl Outbox {
         let refreshed = self.refresh_oldest(&mut state, lane);
         self.publish(&state);
         drop(state);
-        crate::store::release_deferred();
         let mut mark = self.inner.sent_mark.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(error) = mark.acknowledged(lane, acknowledged) {
             // A safety net only (it detects a rolled-back store): the delivery stands.
@@ -1009,52 +1034,29 @@ impl Outbox {
         let (mut removed, mut records_in, mut bytes_in, mut bytes_out) = (0u64, 0u64, 0u64, 0u64);
         let mut applied = Ok(());
         let mut rest = merges.as_slice();
-        while !rest.is_empty() && applied.is_ok() {
+        while !rest.is_empty() {
             let mut ops = 0;
             let take = rest
                 .iter()
-                .position(|merge| {
+                .take_while(|merge| {
                     ops += merge.seqs.len();
-                    ops > COMPACT_BATCH_OPS
+                    ops <= COMPACT_BATCH_OPS
                 })
-                .unwrap_or(rest.len())
+                .count()
                 .max(1);
             let (run, after) = rest.split_at(take);
             rest = after;
-            let mut batch = sled::Batch::default();
-            let (mut run_removed, mut run_in, mut run_bytes_in, mut run_bytes_out) =
-                (0u64, 0u64, 0u64, 0u64);
-            for merge in run {
-                let first = merge.seqs[0];
-                let record = Record {
-                    id: record_id(&inner.agent, inner.epoch, lane, first),
-                    seq: first,
-                    body: RecordBody::Summary(merge.summary.clone()),
-                };
-                let value = match encode_record(lane, &record) {
-                    Ok(value) => value,
-                    Err(error) => {
-                        applied = Err(error);
-                        break;
-                    }
-                };
-                run_bytes_out += (RECORD_KEY_LEN + value.len()) as u64;
-                run_bytes_in += merge.bytes;
-                run_in += merge.seqs.len() as u64;
-                run_removed += merge.seqs.len() as u64 - 1;
-                for &seq in &merge.seqs[1..] {
-                    batch.remove(&record_key(lane, seq));
+            match self.write_merges(lane, run) {
+                Ok(written) => {
+                    bytes_out += written;
+                    bytes_in += run.iter().map(|m| m.bytes).sum::<u64>();
+                    records_in += run.iter().map(|m| m.seqs.len() as u64).sum::<u64>();
+                    removed += run.iter().map(|m| m.seqs.len() as u64 - 1).sum::<u64>();
                 }
-                batch.insert(&record_key(lane, first), value);
-            }
-            if applied.is_ok() {
-                applied = inner.tree.apply_batch(batch).map_err(OutboxError::sled("compact"));
-            }
-            if applied.is_ok() {
-                removed += run_removed;
-                records_in += run_in;
-                bytes_in += run_bytes_in;
-                bytes_out += run_bytes_out;
+                Err(error) => {
+                    applied = Err(error);
+                    break;
+                }
             }
         }
         let lane_state = state.lane(lane);
@@ -1080,6 +1082,30 @@ impl Outbox {
             );
         }
         Ok(removed)
+    }
+
+    /// Writes `run` (merges of the summary lane) in one `apply_batch`: each merged summary at
+    /// the key of its first record, the others removed. Returns the bytes written.
+    fn write_merges(&self, lane: Lane, run: &[crate::compact::Merge]) -> Result<u64, OutboxError> {
+        let inner = &self.inner;
+        let mut batch = sled::Batch::default();
+        let mut bytes_out = 0;
+        for merge in run {
+            let first = merge.seqs[0];
+            let record = Record {
+                id: record_id(&inner.agent, inner.epoch, lane, first),
+                seq: first,
+                body: RecordBody::Summary(merge.summary.clone()),
+            };
+            let value = encode_record(lane, &record)?;
+            bytes_out += (RECORD_KEY_LEN + value.len()) as u64;
+            for &seq in &merge.seqs[1..] {
+                batch.remove(&record_key(lane, seq));
+            }
+            batch.insert(&record_key(lane, first), value);
+        }
+        inner.tree.apply_batch(batch).map_err(OutboxError::sled("compact"))?;
+        Ok(bytes_out)
     }
 
     /// Evicts summaries, then alerts, until the records fit `max_bytes` or only gap records
@@ -1936,6 +1962,19 @@ mod tests {
         }
     }
 
+    /// Puts the summaries of `windows` 1 s windows of `series` series (`s-0`, ...) from
+    /// 1,000,000 ms on, `events` events each, in closing order from seq 0.
+    fn put_windows(outbox: &Outbox, windows: i64, series: usize, events: u64) {
+        let mut seq = 0;
+        for w in 0..windows {
+            for s in 0..series {
+                let body = summary_of(&format!("s-{s}"), 1_000_000 + w * 1_000, events);
+                outbox.put(Lane::Summaries, seq, body).unwrap();
+                seq += 1;
+            }
+        }
+    }
+
     /// Bytes counted per lane agree with the tree.
     fn assert_counters_match(store: &Store, outbox: &Outbox) {
         let stats = outbox.stats();
@@ -2115,14 +2154,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (store, outbox, _) = open_with(&tmp, &compacting(BIG, Duration::from_secs(100)));
         // Five series, 200 windows of 1 s each: ten merges of 100 records, 1,000 removes.
-        let mut seq = 0;
-        for w in 0..200i64 {
-            for s in 0..5 {
-                let body = summary_of(&format!("s-{s}"), 1_000_000 + w * 1_000, 3);
-                outbox.put(Lane::Summaries, seq, body).unwrap();
-                seq += 1;
-            }
-        }
+        put_windows(&outbox, 200, 5, 3);
         const { assert!(1_000 > 3 * COMPACT_BATCH_OPS, "the pass needs several batches") };
         let removed = outbox.compact(&mut outbox.lock()).unwrap();
         assert_eq!(removed, 1_000 - 10);
@@ -2186,14 +2218,7 @@ mod tests {
         // Room for 400 summaries; 1200 arrive, 300 windows of four series.
         let cap = 400 * one;
         let (store, outbox, metrics) = open_with(&tmp, &compacting(cap, Duration::from_secs(10)));
-        let mut seq = 0;
-        for w in 0..300i64 {
-            for s in 0..4 {
-                let body = summary_of(&format!("s-{s}"), 1_000_000 + w * 1_000, 9);
-                outbox.put(Lane::Summaries, seq, body).unwrap();
-                seq += 1;
-            }
-        }
+        put_windows(&outbox, 300, 4, 9);
         let stats = outbox.stats();
         assert_eq!(stats.evicted, 0, "compaction kept the outbox under its cap");
         assert!(stats.summaries.bytes <= cap);
