@@ -60,7 +60,7 @@ pub use topology::run;
 /// re-executes itself with them (see `main.rs`), and the systemd unit sets the same in its
 /// `Environment=` (agent/tests/packaging.rs checks that the two agree).
 pub const MALLOC_TUNING: [(&str, &str); 2] =
-    [("MALLOC_ARENA_MAX", "2"), ("MALLOC_MMAP_THRESHOLD_", "131072")];
+    [("MALLOC_ARENA_MAX", "1"), ("MALLOC_MMAP_THRESHOLD_", "131072")];
 
 /// An error and its sources on one line, `outer: cause: root cause`: what logs and the CLI
 /// print, since reqwest, hyper and rustls put the useful part in the sources.

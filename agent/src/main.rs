@@ -492,7 +492,7 @@ fn config_error(errors: &ConfigErrors) -> ExitCode {
 }
 
 /// glibc's malloc, tuned for a long-running agent in a few MB (BENCHMARKS.md, "Memory,
-/// session 7" and "session 8"): two arenas instead of eight per core, and a fixed mmap
+/// session 7", "session 8" and "session 9"): one arena instead of eight per core, and a fixed mmap
 /// threshold, so that large blocks (sled's 512 KiB I/O buffers, a window close's outputs) get
 /// their own mappings, returned on free, instead of fragmenting the heap once glibc's dynamic
 /// threshold has grown past them (10,000 series: 86 MB with glibc's defaults, 47 MB tuned).

@@ -170,8 +170,11 @@ fn run_tunes_glibc_malloc_in_the_same_process_unless_told_not_to() {
     let tuned = loop {
         let vars = std::fs::read(&environ).unwrap_or_default();
         let vars: Vec<&[u8]> = vars.split(|b| *b == 0).collect();
-        if vars.contains(&&b"MALLOC_ARENA_MAX=2"[..]) {
-            break vars.contains(&&b"MALLOC_MMAP_THRESHOLD_=131072"[..]);
+        let has = |(name, value): &(&str, &str)| {
+            vars.iter().any(|var| *var == format!("{name}={value}").as_bytes())
+        };
+        if has(&edgewise::MALLOC_TUNING[0]) {
+            break edgewise::MALLOC_TUNING.iter().all(has);
         }
         assert!(Instant::now() < deadline, "{environ} never showed the malloc tuning");
         assert!(child.try_wait().unwrap().is_none(), "the agent exited");
