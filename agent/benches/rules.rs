@@ -1,13 +1,18 @@
 //! Cost of the rule engine per event (issue 3, "Quality and speed").
 //!
-//! Three groups, each reported by criterion in elements (events) per second:
+//! Four groups, each reported by criterion in elements (events) per second:
 //!
 //! - `rule/<kind>`: [`Rules`] with one rule over 100 series (`all_of` with its two threshold
 //!   members over 50 devices × 2 metrics), events round-robin over the series;
 //! - `pack/<name>`: a realistic rule pack over 1,000 series (500 pumps × temperature and
 //!   vibration): the `config/demo.toml` rules, and a 7-rule pump pack using every kind;
 //! - `processor/<name>`: [`Processor::apply`] with rules and 60 s summaries over the same
-//!   1,000 series, a journal tick after every round: the "processing core" figure.
+//!   1,000 series, a journal tick after every round;
+//! - `core/<name>`: the same, starting from the MQTT message: the series key rendered from
+//!   the topic (`factory/line-1/pump-N/metric` through `{2}/{3}`), the JSON payload decoded
+//!   (`{"value":…,"ts":…}`), the [`Event`] built as the MQTT source builds it, then
+//!   [`Processor::apply`]: the "processing core" figure of issue 8 (decode + rules +
+//!   summaries).
 //!
 //! # Method
 //!
@@ -38,11 +43,12 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Bencher, BenchmarkGroup, Criterion, Throughput, measurement::WallTime};
-use edgewise::config::{self, Config};
+use edgewise::config::{self, Config, PayloadConfig};
 use edgewise::event::{Entry, Event};
 use edgewise::metrics::Metrics;
 use edgewise::processor::Processor;
 use edgewise::rules::{RuleConfig, Rules};
+use edgewise::source::payload::{self, SeriesTemplate};
 
 /// Event time of the first event: 2024-06-10T06:00:00Z.
 const START_MS: i64 = 1_717_999_200_000;
@@ -533,10 +539,92 @@ fn processor(c: &mut Criterion) {
     group.finish();
 }
 
+/// What reaches the processing core: an MQTT message, or the journal's tick.
+#[derive(Clone)]
+enum Input {
+    Message { topic: String, payload: Vec<u8>, received_ms: i64 },
+    Tick(Entry),
+}
+
+/// The journal's entries as they arrived: each event as its MQTT topic and JSON payload.
+fn messages(entries: Vec<Entry>) -> Vec<Input> {
+    entries
+        .into_iter()
+        .map(|entry| match entry {
+            Entry::Event(e) => Input::Message {
+                topic: format!("factory/line-1/{}", e.series),
+                payload: format!(r#"{{"value":{},"ts":{}}}"#, e.value, e.ts_ms).into_bytes(),
+                received_ms: e.received_ms,
+            },
+            tick => Input::Tick(tick),
+        })
+        .collect()
+}
+
+/// One message through the core, as the MQTT source and the processor take it.
+fn message_entry(template: &SeriesTemplate, payload_cfg: &PayloadConfig, input: &Input) -> Entry {
+    match input {
+        Input::Message { topic, payload, received_ms } => {
+            let series = template.render(topic).unwrap_or_else(|e| panic!("{e}"));
+            let decoded = payload::decode(payload_cfg, payload).unwrap_or_else(|e| panic!("{e}"));
+            Entry::Event(Event {
+                series,
+                ts_ms: decoded.ts_ms.unwrap_or(*received_ms),
+                value: decoded.value,
+                received_ms: *received_ms,
+                source: 0,
+            })
+        }
+        Input::Tick(tick) => tick.clone(),
+    }
+}
+
+/// Decode + rules + summaries over 1,000 series, from the MQTT message on.
+fn core(c: &mut Criterion) {
+    let (mut events, warm) = pump_events();
+    let measured_entries = journal(events.split_off(warm));
+    let measured = messages(measured_entries.clone());
+    let warm = journal(events);
+    let template = SeriesTemplate::parse("{2}/{3}").unwrap_or_else(|e| panic!("{e}"));
+    let payload_cfg = PayloadConfig::default();
+    // The decoded messages are the events themselves: the figure is of the same work.
+    for (input, entry) in measured.iter().zip(&measured_entries) {
+        assert_eq!(&message_entry(&template, &payload_cfg, input), entry);
+    }
+    let metrics = Metrics::default();
+    let mut group = c.benchmark_group("core");
+    configure(&mut group);
+    for (name, pack) in [
+        ("decode_demo_4_rules_and_summaries", DEMO_PACK),
+        ("decode_pump_7_rules_and_summaries", PUMP_PACK),
+    ] {
+        let mut processor = Processor::new(&config(pack)).unwrap_or_else(|e| panic!("{e}"));
+        let mut out = Vec::new();
+        for (i, entry) in warm.iter().enumerate() {
+            out.clear();
+            processor.apply(i as u64 + 1, entry, &metrics, &mut out);
+        }
+        let first_seq = warm.len() as u64 + 1;
+        let fixture = Fixture { warm: processor, measured: measured.clone() };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                fixture.run(iters, |processor, i, input| {
+                    let entry = message_entry(&template, &payload_cfg, input);
+                    out.clear();
+                    processor.apply(first_seq + i as u64, &entry, &metrics, &mut out);
+                    black_box(&out);
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     per_rule(&mut c);
     packs(&mut c);
     processor(&mut c);
+    core(&mut c);
     c.final_summary();
 }

@@ -49,6 +49,7 @@ pub mod replay;
 pub mod rules;
 pub mod sdnotify;
 pub mod sentmark;
+pub mod series_map;
 pub mod source;
 pub mod store;
 pub mod summary;

@@ -40,14 +40,15 @@
 //!
 //! # State
 //!
-//! [`WindowsState`] (clock + `series → open windows` in `BTreeMap`s) is serde-serializable and
+//! [`WindowsState`] (clock + `series → open windows` in a [`SeriesMap`], which encodes sorted
+//! like a `BTreeMap`) is serde-serializable and
 //! goes into the processor snapshot; open windows survive a restart and close later, exactly
 //! as they would have without the restart. Each window remembers its own length, so a change
 //! of `summary.window` between runs lets old windows close with their old length.
 
-use std::collections::BTreeMap;
-
 use sensors::record::Summary;
+
+use crate::series_map::SeriesMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SummaryConfig;
@@ -178,7 +179,7 @@ struct SeriesWindows {
 pub struct WindowsState {
     /// The largest gateway time seen, `None` before the first entry.
     clock: Option<i64>,
-    series: BTreeMap<String, SeriesWindows>,
+    series: SeriesMap<SeriesWindows>,
 }
 
 impl WindowsState {
@@ -275,7 +276,8 @@ impl Windows {
             _ => return,
         }
         let lateness = self.lateness_ms;
-        self.state.series.retain(|series, windows| {
+        let first = out.len();
+        self.state.series.retain_unordered(|series, windows| {
             let due = windows
                 .open
                 .iter()
@@ -290,6 +292,10 @@ impl Windows {
             }
             !windows.open.is_empty()
         });
+        // Closing order is by series, then start (a hash map's scan order depends on its
+        // history; replay must number the summaries as the live run did). Stable: one
+        // series' windows were drained oldest first.
+        out[first..].sort_by(|a, b| a.series.cmp(&b.series));
         self.next_close = self.earliest_close();
     }
 
@@ -360,6 +366,7 @@ impl Windows {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::time::Duration;
 
     use super::*;

@@ -57,11 +57,14 @@
 //! # State layout, memory and snapshots
 //!
 //! ```text
-//! RulesState { rules: BTreeMap<rule name, BTreeMap<series (device for combined rules),
+//! RulesState { rules: BTreeMap<rule name, SeriesMap<series (device for combined rules),
 //!                                                  SeriesState { episode, machine }>> }
 //! ```
 //!
-//! `BTreeMap`s everywhere, so iteration order and snapshot bytes never depend on hashing.
+//! The per-series map is a hash map ([`SeriesMap`]: one hash per lookup instead of a B-tree
+//! walk comparing keys, looked up for every matching rule on every event) that encodes sorted
+//! like a `BTreeMap`; where records are emitted while scanning (timers) the series are taken
+//! in sorted order, so output order and snapshot bytes never depend on hashing.
 //! [`Machine`] is a postcard enum: append new kinds at the end. A threshold series that is
 //! idle holds no state; the other kinds keep a small, bounded state per series they have
 //! seen ([`rate::RATE_SLOTS`], [`window::WINDOW_MAX_SAMPLES`], O(1) for the rest). At most
@@ -74,6 +77,8 @@
 //! its episode, so an active alert still gets its `Cleared` record.
 
 use std::collections::BTreeMap;
+
+use crate::series_map::SeriesMap;
 use std::time::Duration;
 
 use sensors::record::{Alert, AlertState, Severity};
@@ -541,7 +546,7 @@ impl SeriesState {
 /// The state of all rules: `rule name → series → state`. See the module docs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RulesState {
-    rules: BTreeMap<String, BTreeMap<String, SeriesState>>,
+    rules: BTreeMap<String, SeriesMap<SeriesState>>,
 }
 
 impl RulesState {
@@ -568,9 +573,9 @@ impl RulesState {
     /// changed.
     pub fn adopt_warmed(&mut self, rule: &str, warmed: &RulesState) {
         let mut old = self.rules.remove(rule).unwrap_or_default();
-        let mut merged: BTreeMap<String, SeriesState> = BTreeMap::new();
+        let mut merged: SeriesMap<SeriesState> = SeriesMap::default();
         if let Some(per_series) = warmed.rules.get(rule) {
-            for (series, state) in per_series {
+            for (series, state) in per_series.iter() {
                 let episode = old.remove(series).map(|o| o.episode).unwrap_or_default();
                 merged.insert(
                     series.clone(),
@@ -709,6 +714,11 @@ impl Rule {
     }
 
     /// Whether the rule watches `series` (never true for combined rules: they watch rules).
+    /// The state of a series this rule has not seen (or has released).
+    fn fresh_state(&self) -> SeriesState {
+        SeriesState { episode: Episode::default(), machine: self.kind.fresh() }
+    }
+
     pub fn matches(&self, series: &str) -> bool {
         self.common.pattern.as_ref().is_some_and(|p| p.matches(series))
     }
@@ -785,31 +795,16 @@ pub struct Rules {
 fn slot<'a>(state: &'a mut RulesState, rule: &Rule, series: &str) -> Option<&'a mut SeriesState> {
     // Look up before inserting: cloning the keys on every event would allocate.
     if !state.rules.contains_key(&rule.common.name) {
-        state.rules.insert(rule.common.name.clone(), BTreeMap::new());
+        state.rules.insert(rule.common.name.clone(), SeriesMap::default());
     }
     let per_series = state.rules.get_mut(&rule.common.name)?;
     if !per_series.contains_key(series) {
         if per_series.len() >= MAX_SERIES_PER_RULE {
             return None;
         }
-        let fresh = SeriesState { episode: Episode::default(), machine: rule.kind.fresh() };
-        per_series.insert(series.to_string(), fresh);
+        per_series.insert(series.to_string(), rule.fresh_state());
     }
     per_series.get_mut(series)
-}
-
-/// Drops the state of (rule, series) if it is idle at `now_ms`.
-fn release(state: &mut RulesState, rule: &Rule, series: &str, now_ms: i64) {
-    let Some(per_series) = state.rules.get_mut(&rule.common.name) else { return };
-    if per_series
-        .get(series)
-        .is_some_and(|s| rule.kind.is_idle(s, rule.common.min_interval_ms, now_ms))
-    {
-        per_series.remove(series);
-    }
-    if per_series.is_empty() {
-        state.rules.remove(&rule.common.name);
-    }
 }
 
 fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
@@ -861,7 +856,7 @@ impl Rules {
             let Some(rule) = compiled.iter().find(|r| &r.common.name == name) else {
                 return false;
             };
-            per_series.retain(|_, s| rule.kind.fits(&s.machine));
+            per_series.retain_unordered(|_, s| rule.kind.fits(&s.machine));
             !per_series.is_empty()
         });
         let mut rules =
@@ -888,26 +883,55 @@ impl Rules {
         let mut changes = Vec::new();
         // Never behind the clock the timers run on: see `missing` on clock steps.
         let heard_ms = self.clock.map_or(event.received_ms, |c| c.max(event.received_ms));
+        let series = event.series.as_str();
         for (index, rule) in self.compiled.iter().enumerate() {
-            if !rule.matches(&event.series) {
+            if !rule.matches(series) {
                 continue;
             }
-            let series = event.series.as_str();
-            let Some(state) = slot(&mut self.state, rule, series) else { continue };
-            if let Some(t) = rule.on_event(state, event, heard_ms, self.scores.as_mut()) {
-                if self.referenced[index] {
-                    changes.push(Change {
-                        rule: index,
-                        series: series.to_string(),
-                        raised: t.state == AlertState::Raised,
-                        ts_ms: t.ts_ms,
-                    });
+            // One lookup of the rule's map and one of the series in it per event. A series
+            // without state starts from a fresh state on the stack that is kept only if the
+            // event leaves it busy: a threshold over normal readings allocates nothing.
+            let mut step = |state: &mut SeriesState| {
+                if let Some(t) = rule.on_event(state, event, heard_ms, self.scores.as_mut()) {
+                    if self.referenced[index] {
+                        changes.push(Change {
+                            rule: index,
+                            series: series.to_string(),
+                            raised: t.state == AlertState::Raised,
+                            ts_ms: t.ts_ms,
+                        });
+                    }
+                    out.extend(rule.common.emit(&mut state.episode, series, &t));
                 }
-                out.extend(rule.common.emit(&mut state.episode, series, &t));
-            }
-            self.next_deadline = earliest(self.next_deadline, rule.kind.deadline(state));
-            if rule.kind.can_idle() {
-                release(&mut self.state, rule, series, event.ts_ms);
+                self.next_deadline = earliest(self.next_deadline, rule.kind.deadline(state));
+                rule.kind.can_idle()
+                    && rule.kind.is_idle(state, rule.common.min_interval_ms, event.ts_ms)
+            };
+            let name = &rule.common.name;
+            match self.state.rules.get_mut(name) {
+                Some(per_series) => {
+                    if let Some(state) = per_series.get_mut(series) {
+                        if step(state) {
+                            per_series.remove(series);
+                            if per_series.is_empty() {
+                                self.state.rules.remove(name);
+                            }
+                        }
+                    } else if per_series.len() < MAX_SERIES_PER_RULE {
+                        let mut fresh = rule.fresh_state();
+                        if !step(&mut fresh) {
+                            per_series.insert(series.to_string(), fresh);
+                        }
+                    }
+                }
+                None => {
+                    let mut fresh = rule.fresh_state();
+                    if !step(&mut fresh) {
+                        let mut per_series = SeriesMap::default();
+                        per_series.insert(series.to_string(), fresh);
+                        self.state.rules.insert(name.clone(), per_series);
+                    }
+                }
             }
         }
         self.apply_changes(&changes, out);
@@ -928,9 +952,13 @@ impl Rules {
                 continue;
             }
             let Some(per_series) = self.state.rules.get_mut(&rule.common.name) else { continue };
-            per_series.retain(|series, state| {
-                let due = rule.kind.deadline(state).is_some_and(|d| now_ms >= d);
-                if due && let Some(t) = rule.on_tick(state, now_ms) {
+            // The due series in sorted order: their records must come out in the same order
+            // live and after a restore (a hash map's order depends on its history).
+            let due = per_series
+                .sorted_keys(|state| rule.kind.deadline(state).is_some_and(|d| now_ms >= d));
+            for series in due {
+                let Some(state) = per_series.get_mut(&series) else { continue };
+                if let Some(t) = rule.on_tick(state, now_ms) {
                     if self.referenced[index] {
                         changes.push(Change {
                             rule: index,
@@ -939,13 +967,17 @@ impl Rules {
                             ts_ms: t.ts_ms,
                         });
                     }
-                    out.extend(rule.common.emit(&mut state.episode, series, &t));
+                    out.extend(rule.common.emit(&mut state.episode, &series, &t));
                 }
-                next = earliest(next, rule.kind.deadline(state));
                 // Only what was due may go: dropping by time alone would make the state
                 // depend on when ticks happen to scan.
-                !(due && rule.kind.is_idle(state, rule.common.min_interval_ms, now_ms))
-            });
+                if rule.kind.is_idle(state, rule.common.min_interval_ms, now_ms) {
+                    per_series.remove(&series);
+                }
+            }
+            for state in per_series.values() {
+                next = earliest(next, rule.kind.deadline(state));
+            }
             if per_series.is_empty() {
                 self.state.rules.remove(&rule.common.name);
             }
