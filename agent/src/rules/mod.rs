@@ -171,6 +171,11 @@ use window::{WindowRule, WindowState};
 /// bounding the worst case (a window rule at [`window::WINDOW_MAX_SAMPLES`]) to 16 MiB.
 pub const MAX_SERIES_PER_RULE: usize = 2048;
 
+/// Series whose matching rules [`Rules`] remembers; when full it forgets them all and starts
+/// over (a cache miss costs one pattern match per rule). 16,384 series of 3 matching rules
+/// take about 1 MB.
+pub const MATCH_CACHE_SERIES: usize = 16_384;
+
 /// The rule kinds, as written in `kind = "..."`, for error messages.
 pub const KINDS: &str = "\"threshold\", \"rate_of_change\", \"flatline\", \"missing_data\", \
                          \"window\", \"anomaly\", \"all_of\", \"any_of\"";
@@ -713,12 +718,12 @@ impl Rule {
         &self.common.name
     }
 
-    /// Whether the rule watches `series` (never true for combined rules: they watch rules).
     /// The state of a series this rule has not seen (or has released).
     fn fresh_state(&self) -> SeriesState {
         SeriesState { episode: Episode::default(), machine: self.kind.fresh() }
     }
 
+    /// Whether the rule watches `series` (never true for combined rules: they watch rules).
     pub fn matches(&self, series: &str) -> bool {
         self.common.pattern.as_ref().is_some_and(|p| p.matches(series))
     }
@@ -789,6 +794,10 @@ pub struct Rules {
     clock: Option<i64>,
     /// Scores of anomaly rules while recording (`None`: off, and free).
     scores: Option<Vec<ScoreSample>>,
+    /// Per series: the indices of the compiled rules whose pattern matches it, so that an
+    /// event costs one lookup instead of a pattern match per rule. Derived from the patterns
+    /// alone, not snapshotted; bounded by [`MATCH_CACHE_SERIES`].
+    matching: SeriesMap<Box<[u32]>>,
 }
 
 /// Finds or creates the state of (rule, series), unless the rule tracks too many series.
@@ -859,8 +868,15 @@ impl Rules {
             per_series.retain_unordered(|_, s| rule.kind.fits(&s.machine));
             !per_series.is_empty()
         });
-        let mut rules =
-            Rules { compiled, referenced, state, next_deadline: None, clock: None, scores: None };
+        let mut rules = Rules {
+            compiled,
+            referenced,
+            state,
+            next_deadline: None,
+            clock: None,
+            scores: None,
+            matching: SeriesMap::default(),
+        };
         rules.next_deadline = rules.earliest_deadline();
         Ok(rules)
     }
@@ -883,11 +899,24 @@ impl Rules {
         let mut changes = Vec::new();
         // Never behind the clock the timers run on: see `missing` on clock steps.
         let heard_ms = self.clock.map_or(event.received_ms, |c| c.max(event.received_ms));
+        if self.compiled.is_empty() {
+            return;
+        }
         let series = event.series.as_str();
-        for (index, rule) in self.compiled.iter().enumerate() {
-            if !rule.matches(series) {
-                continue;
+        if !self.matching.contains_key(series) {
+            if self.matching.len() >= MATCH_CACHE_SERIES {
+                self.matching = SeriesMap::default();
             }
+            let indices: Box<[u32]> = (0..self.compiled.len())
+                .filter(|&i| self.compiled[i].matches(series))
+                .filter_map(|i| u32::try_from(i).ok())
+                .collect();
+            self.matching.insert(series.to_string(), indices);
+        }
+        let Some(indices) = self.matching.get(series) else { return };
+        for &index in indices.iter() {
+            let index = index as usize;
+            let rule = &self.compiled[index];
             // One lookup of the rule's map and one of the series in it per event. A series
             // without state starts from a fresh state on the stack that is kept only if the
             // event leaves it busy: a threshold over normal readings allocates nothing.
@@ -1115,6 +1144,22 @@ mod tests {
 
     fn hot(extra: &str) -> String {
         format!("{HOT}\n{extra}")
+    }
+
+    #[test]
+    fn the_match_cache_stays_bounded_and_forgets_nothing_that_matters() {
+        let mut rules = rules(&[HOT]);
+        // Series the rule does not watch fill the cache past its bound...
+        for i in 0..MATCH_CACHE_SERIES + 10 {
+            feed(&mut rules, &format!("fan-{i}/speed"), &[(1, 90.0)]);
+            assert!(rules.matching.len() <= MATCH_CACHE_SERIES);
+        }
+        assert!(rules.matching.len() < 20, "full: forgotten and started over");
+        // ...and the series it watches still raise and clear, cached or not.
+        let out = feed(&mut rules, "pump-1/temperature", &[(2, 81.0), (3, 74.0)]);
+        assert_eq!(states(&out), vec![(AlertState::Raised, 2), (AlertState::Cleared, 3)]);
+        assert_eq!(rules.matching.get("pump-1/temperature").map(|m| m.len()), Some(1));
+        assert_eq!(rules.matching.get("fan-0/speed"), None);
     }
 
     #[test]
