@@ -505,6 +505,23 @@ fn journal(events: Vec<Event>) -> Vec<Entry> {
     entries
 }
 
+/// A processor with `pack` warmed up on `warm`, and the journal seq of the first measured
+/// entry.
+fn processor_fixture<T>(
+    pack: &str,
+    warm: &[Entry],
+    measured: Vec<T>,
+    metrics: &Metrics,
+) -> (Fixture<Processor, T>, u64) {
+    let mut processor = Processor::new(&config(pack)).unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    for (i, entry) in warm.iter().enumerate() {
+        out.clear();
+        processor.apply(i as u64 + 1, entry, metrics, &mut out);
+    }
+    (Fixture { warm: processor, measured }, warm.len() as u64 + 1)
+}
+
 /// The whole processor (rules + summaries) over 1,000 series.
 fn processor(c: &mut Criterion) {
     let (mut events, warm) = pump_events();
@@ -518,14 +535,8 @@ fn processor(c: &mut Criterion) {
         ("demo_4_rules_and_summaries", DEMO_PACK),
         ("pump_7_rules_and_summaries", PUMP_PACK),
     ] {
-        let mut processor = Processor::new(&config(pack)).unwrap_or_else(|e| panic!("{e}"));
+        let (fixture, first_seq) = processor_fixture(pack, &warm, measured.clone(), &metrics);
         let mut out = Vec::new();
-        for (i, entry) in warm.iter().enumerate() {
-            out.clear();
-            processor.apply(i as u64 + 1, entry, &metrics, &mut out);
-        }
-        let first_seq = warm.len() as u64 + 1;
-        let fixture = Fixture { warm: processor, measured: measured.clone() };
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 fixture.run(iters, |processor, i, entry| {
@@ -598,14 +609,8 @@ fn core(c: &mut Criterion) {
         ("decode_demo_4_rules_and_summaries", DEMO_PACK),
         ("decode_pump_7_rules_and_summaries", PUMP_PACK),
     ] {
-        let mut processor = Processor::new(&config(pack)).unwrap_or_else(|e| panic!("{e}"));
+        let (fixture, first_seq) = processor_fixture(pack, &warm, measured.clone(), &metrics);
         let mut out = Vec::new();
-        for (i, entry) in warm.iter().enumerate() {
-            out.clear();
-            processor.apply(i as u64 + 1, entry, &metrics, &mut out);
-        }
-        let first_seq = warm.len() as u64 + 1;
-        let fixture = Fixture { warm: processor, measured: measured.clone() };
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 fixture.run(iters, |processor, i, input| {

@@ -816,6 +816,30 @@ fn slot<'a>(state: &'a mut RulesState, rule: &Rule, series: &str) -> Option<&'a 
     per_series.get_mut(series)
 }
 
+/// A rule's condition changed for `series`: the change for the combined rules that name the
+/// rule (`referenced`), and the record the episode lets through.
+#[allow(clippy::too_many_arguments)]
+fn transition(
+    rule: &Rule,
+    index: usize,
+    referenced: bool,
+    state: &mut SeriesState,
+    series: &str,
+    t: &Transition,
+    changes: &mut Vec<Change>,
+    out: &mut Vec<Alert>,
+) {
+    if referenced {
+        changes.push(Change {
+            rule: index,
+            series: series.to_string(),
+            raised: t.state == AlertState::Raised,
+            ts_ms: t.ts_ms,
+        });
+    }
+    out.extend(rule.common.emit(&mut state.episode, series, t));
+}
+
 fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -922,15 +946,8 @@ impl Rules {
             // event leaves it busy: a threshold over normal readings allocates nothing.
             let mut step = |state: &mut SeriesState| {
                 if let Some(t) = rule.on_event(state, event, heard_ms, self.scores.as_mut()) {
-                    if self.referenced[index] {
-                        changes.push(Change {
-                            rule: index,
-                            series: series.to_string(),
-                            raised: t.state == AlertState::Raised,
-                            ts_ms: t.ts_ms,
-                        });
-                    }
-                    out.extend(rule.common.emit(&mut state.episode, series, &t));
+                    let referenced = self.referenced[index];
+                    transition(rule, index, referenced, state, series, &t, &mut changes, out);
                 }
                 self.next_deadline = earliest(self.next_deadline, rule.kind.deadline(state));
                 rule.kind.can_idle()
@@ -988,15 +1005,8 @@ impl Rules {
             for series in due {
                 let Some(state) = per_series.get_mut(&series) else { continue };
                 if let Some(t) = rule.on_tick(state, now_ms) {
-                    if self.referenced[index] {
-                        changes.push(Change {
-                            rule: index,
-                            series: series.clone(),
-                            raised: t.state == AlertState::Raised,
-                            ts_ms: t.ts_ms,
-                        });
-                    }
-                    out.extend(rule.common.emit(&mut state.episode, &series, &t));
+                    let referenced = self.referenced[index];
+                    transition(rule, index, referenced, state, &series, &t, &mut changes, out);
                 }
                 // Only what was due may go: dropping by time alone would make the state
                 // depend on when ticks happen to scan.
