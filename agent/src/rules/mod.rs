@@ -171,9 +171,9 @@ use window::{WindowRule, WindowState};
 /// bounding the worst case (a window rule at [`window::WINDOW_MAX_SAMPLES`]) to 16 MiB.
 pub const MAX_SERIES_PER_RULE: usize = 2048;
 
-/// Series whose matching rules [`Rules`] remembers; when full it forgets them all and starts
-/// over (a cache miss costs one pattern match per rule). 16,384 series of 3 matching rules
-/// take about 1 MB.
+/// Series whose matching rules [`Rules`] remembers (as a bit per rule, for rule sets of up to
+/// 64 rules); when full it forgets them all and starts over (a cache miss costs one pattern
+/// match per rule). 16,384 series take about 1 MB with their keys.
 pub const MATCH_CACHE_SERIES: usize = 16_384;
 
 /// The rule kinds, as written in `kind = "..."`, for error messages.
@@ -797,7 +797,7 @@ pub struct Rules {
     /// Per series: the indices of the compiled rules whose pattern matches it, so that an
     /// event costs one lookup instead of a pattern match per rule. Derived from the patterns
     /// alone, not snapshotted; bounded by [`MATCH_CACHE_SERIES`].
-    matching: SeriesMap<Box<[u32]>>,
+    matching: SeriesMap<u64>,
 }
 
 /// Finds or creates the state of (rule, series), unless the rule tracks too many series.
@@ -927,20 +927,27 @@ impl Rules {
             return;
         }
         let series = event.series.as_str();
-        if !self.matching.contains_key(series) {
-            if self.matching.len() >= MATCH_CACHE_SERIES {
-                self.matching = SeriesMap::default();
+        // Bit i: rule i matches. More than 64 rules: matched per event, not cached.
+        let cached = self.compiled.len() <= 64;
+        let mask = match self.matching.get(series) {
+            Some(&mask) => mask,
+            None if cached => {
+                if self.matching.len() >= MATCH_CACHE_SERIES {
+                    self.matching = SeriesMap::default();
+                }
+                let mask = (self.compiled.iter().enumerate())
+                    .filter(|(_, rule)| rule.matches(series))
+                    .fold(0u64, |mask, (i, _)| mask | 1 << i);
+                self.matching.insert(series.to_string(), mask);
+                mask
             }
-            let indices: Box<[u32]> = (0..self.compiled.len())
-                .filter(|&i| self.compiled[i].matches(series))
-                .filter_map(|i| u32::try_from(i).ok())
-                .collect();
-            self.matching.insert(series.to_string(), indices);
-        }
-        let Some(indices) = self.matching.get(series) else { return };
-        for &index in indices.iter() {
-            let index = index as usize;
-            let rule = &self.compiled[index];
+            None => u64::MAX,
+        };
+        for (index, rule) in self.compiled.iter().enumerate() {
+            let matches = if cached { mask & (1 << index) != 0 } else { rule.matches(series) };
+            if !matches {
+                continue;
+            }
             // One lookup of the rule's map and one of the series in it per event. A series
             // without state starts from a fresh state on the stack that is kept only if the
             // event leaves it busy: a threshold over normal readings allocates nothing.
@@ -1168,8 +1175,34 @@ mod tests {
         // ...and the series it watches still raise and clear, cached or not.
         let out = feed(&mut rules, "pump-1/temperature", &[(2, 81.0), (3, 74.0)]);
         assert_eq!(states(&out), vec![(AlertState::Raised, 2), (AlertState::Cleared, 3)]);
-        assert_eq!(rules.matching.get("pump-1/temperature").map(|m| m.len()), Some(1));
+        assert_eq!(rules.matching.get("pump-1/temperature"), Some(&1));
         assert_eq!(rules.matching.get("fan-0/speed"), None);
+    }
+
+    #[test]
+    fn rule_sets_beyond_the_match_cache_still_match_every_rule() {
+        // 70 rules: more than the cache's 64 bits; only the last two watch temperatures.
+        let mut tomls: Vec<String> = (0..68)
+            .map(|i| {
+                HOT.replace("\"hot\"", &format!("\"fan-{i}\""))
+                    .replace("pump-*/temperature", "fan-*/speed")
+            })
+            .collect();
+        tomls.push(HOT.replace("\"hot\"", "\"hot-a\""));
+        tomls.push(HOT.replace("\"hot\"", "\"hot-b\""));
+        let mut rules = rules(&tomls.iter().map(String::as_str).collect::<Vec<_>>());
+        let out = feed(&mut rules, "pump-1/temperature", &[(1, 81.0), (2, 74.0)]);
+        let names: Vec<_> = out.iter().map(|a| (a.rule.as_str(), a.state)).collect();
+        assert_eq!(
+            names,
+            vec![
+                ("hot-a", AlertState::Raised),
+                ("hot-b", AlertState::Raised),
+                ("hot-a", AlertState::Cleared),
+                ("hot-b", AlertState::Cleared)
+            ]
+        );
+        assert!(rules.matching.is_empty(), "not cached beyond 64 rules");
     }
 
     #[test]
