@@ -7,8 +7,9 @@
 //!   else: no clock is read in [`Processor::apply`] (time comes from event timestamps,
 //!   receive times and journal ticks), every map is a `BTreeMap` or a
 //!   [`SeriesMap`](crate::series_map::SeriesMap) (hashed, but encoded and scanned for output
-//!   in key order), and floating point runs the same operations in the same order. Replaying the same entries from the same snapshot
-//!   gives byte-identical records with the same sequence numbers.
+//!   in key order), and floating point runs the same operations in the same order. Replaying
+//!   the same entries from the same snapshot gives byte-identical records with the same
+//!   sequence numbers.
 //! - **Sequence numbers live in the state.** Each lane (alerts, summaries) has a counter in
 //!   the processor state; the first record of a lane is seq 1. A restarted processor resumes
 //!   from the snapshot's counters and regenerates, during replay, exactly the records (and

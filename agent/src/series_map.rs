@@ -26,7 +26,6 @@ use std::fmt;
 use std::hash::BuildHasherDefault;
 
 use rustc_hash::FxHasher;
-use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -141,30 +140,10 @@ impl<V: Serialize> Serialize for SeriesMap<V> {
 }
 
 impl<'de, V: Deserialize<'de>> Deserialize<'de> for SeriesMap<V> {
+    /// Any order, as serde reads a `HashMap` (which also caps the capacity it trusts a
+    /// corrupt length with).
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct MapVisitor<V>(std::marker::PhantomData<V>);
-
-        impl<'de, V: Deserialize<'de>> Visitor<'de> for MapVisitor<V> {
-            type Value = SeriesMap<V>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a map from series to state")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-                // A snapshot is trusted for its length only up to a bound: it may be corrupt.
-                let mut map = Inner::with_capacity_and_hasher(
-                    access.size_hint().unwrap_or(0).min(4096),
-                    BuildHasherDefault::default(),
-                );
-                while let Some((k, v)) = access.next_entry()? {
-                    map.insert(k, v);
-                }
-                Ok(SeriesMap(map))
-            }
-        }
-
-        deserializer.deserialize_map(MapVisitor(std::marker::PhantomData))
+        Inner::deserialize(deserializer).map(SeriesMap)
     }
 }
 

@@ -47,12 +47,16 @@
 //! of `summary.window` between runs lets old windows close with their old length.
 
 use sensors::record::Summary;
-
-use crate::series_map::SeriesMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SummaryConfig;
 use crate::event::Event;
+use crate::series_map::SeriesMap;
+
+/// When a window that opened at `start` closes: its end plus the allowed lateness.
+fn close_at(start: i64, window: &Window, lateness_ms: i64) -> i64 {
+    start.saturating_add(window.window_ms).saturating_add(lateness_ms)
+}
 
 /// Most open windows per series. In-order traffic needs `ceil(allowed_lateness / window) + 1`
 /// windows (2 with the defaults of 60 s and 5 s); 4 leaves room for a lateness of up to three
@@ -254,15 +258,11 @@ impl Windows {
         &self.state
     }
 
-    fn close_at(&self, start: i64, window: &Window) -> i64 {
-        start.saturating_add(window.window_ms).saturating_add(self.lateness_ms)
-    }
-
     fn earliest_close(&self) -> Option<i64> {
         self.state
             .series
             .values()
-            .filter_map(|s| s.open.first().map(|(start, w)| self.close_at(*start, w)))
+            .filter_map(|s| s.open.first().map(|(start, w)| close_at(*start, w, self.lateness_ms)))
             .min()
     }
 
@@ -276,26 +276,25 @@ impl Windows {
             _ => return,
         }
         let lateness = self.lateness_ms;
-        let first = out.len();
-        self.state.series.retain_unordered(|series, windows| {
-            let due = windows
-                .open
-                .iter()
-                .take_while(|(start, w)| {
-                    clock >= start.saturating_add(w.window_ms).saturating_add(lateness)
-                })
-                .count();
-            for (start, window) in windows.open.drain(..due) {
-                out.push(window.summary(series, start));
+        let due = |start: &i64, w: &Window| clock >= close_at(*start, w, lateness);
+        // The series with a window to close, in key order: replay must number the summaries
+        // as the live run did, whatever the map's history.
+        let closing = self
+            .state
+            .series
+            .sorted_keys(|s| s.open.first().is_none_or(|(start, w)| due(start, w)));
+        for series in closing {
+            let Some(windows) = self.state.series.get_mut(&series) else { continue };
+            let n = windows.open.iter().take_while(|(start, w)| due(start, w)).count();
+            for (start, window) in windows.open.drain(..n) {
+                out.push(window.summary(&series, start));
                 let end = start.saturating_add(window.window_ms);
                 windows.closed_before = windows.closed_before.max(end);
             }
-            !windows.open.is_empty()
-        });
-        // Closing order is by series, then start (a hash map's scan order depends on its
-        // history; replay must number the summaries as the live run did). Stable: one
-        // series' windows were drained oldest first.
-        out[first..].sort_by(|a, b| a.series.cmp(&b.series));
+            if windows.open.is_empty() {
+                self.state.series.remove(&series);
+            }
+        }
         self.next_close = self.earliest_close();
     }
 

@@ -77,14 +77,13 @@
 //! its episode, so an active alert still gets its `Cleared` record.
 
 use std::collections::BTreeMap;
-
-use crate::series_map::SeriesMap;
 use std::time::Duration;
 
 use sensors::record::{Alert, AlertState, Severity};
 use serde::{Deserialize, Serialize};
 
 use crate::event::Event;
+use crate::series_map::SeriesMap;
 
 /// Declares a rule kind's configuration struct: the keys every rule has (`name`, `series`,
 /// `severity`, `labels`, `message`, `min_interval`) around the kind's own. Written once here
@@ -794,9 +793,9 @@ pub struct Rules {
     clock: Option<i64>,
     /// Scores of anomaly rules while recording (`None`: off, and free).
     scores: Option<Vec<ScoreSample>>,
-    /// Per series: the indices of the compiled rules whose pattern matches it, so that an
-    /// event costs one lookup instead of a pattern match per rule. Derived from the patterns
-    /// alone, not snapshotted; bounded by [`MATCH_CACHE_SERIES`].
+    /// Per series: bit `i` set if compiled rule `i` matches it (rule sets of up to 64 rules),
+    /// so that an event costs one lookup instead of a pattern match per rule. Derived from the
+    /// patterns alone, not snapshotted; bounded by [`MATCH_CACHE_SERIES`].
     matching: SeriesMap<u64>,
 }
 
@@ -920,12 +919,12 @@ impl Rules {
     /// Applies one event to every matching rule, in configuration order, then feeds the
     /// condition changes to the combined rules; pushes the records to `out`.
     pub fn on_event(&mut self, event: &Event, out: &mut Vec<Alert>) {
-        let mut changes = Vec::new();
-        // Never behind the clock the timers run on: see `missing` on clock steps.
-        let heard_ms = self.clock.map_or(event.received_ms, |c| c.max(event.received_ms));
         if self.compiled.is_empty() {
             return;
         }
+        let mut changes = Vec::new();
+        // Never behind the clock the timers run on: see `missing` on clock steps.
+        let heard_ms = self.clock.map_or(event.received_ms, |c| c.max(event.received_ms));
         let series = event.series.as_str();
         // Bit i: rule i matches. More than 64 rules: matched per event, not cached.
         let cached = self.compiled.len() <= 64;
@@ -1007,8 +1006,14 @@ impl Rules {
             let Some(per_series) = self.state.rules.get_mut(&rule.common.name) else { continue };
             // The due series in sorted order: their records must come out in the same order
             // live and after a restore (a hash map's order depends on its history).
-            let due = per_series
-                .sorted_keys(|state| rule.kind.deadline(state).is_some_and(|d| now_ms >= d));
+            let due = per_series.sorted_keys(|state| {
+                let deadline = rule.kind.deadline(state);
+                let due = deadline.is_some_and(|d| now_ms >= d);
+                if !due {
+                    next = earliest(next, deadline);
+                }
+                due
+            });
             for series in due {
                 let Some(state) = per_series.get_mut(&series) else { continue };
                 if let Some(t) = rule.on_tick(state, now_ms) {
@@ -1019,10 +1024,9 @@ impl Rules {
                 // depend on when ticks happen to scan.
                 if rule.kind.is_idle(state, rule.common.min_interval_ms, now_ms) {
                     per_series.remove(&series);
+                } else {
+                    next = earliest(next, rule.kind.deadline(state));
                 }
-            }
-            for state in per_series.values() {
-                next = earliest(next, rule.kind.deadline(state));
             }
             if per_series.is_empty() {
                 self.state.rules.remove(&rule.common.name);
